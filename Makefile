@@ -1,0 +1,47 @@
+# xmodal — every target bootstraps .venv when it is missing (or when pyproject.toml changed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.xmodal-installed
+export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
+export XMODAL_ROOT ?= $(CURDIR)
+
+.PHONY: help install demo test test-all lint format bench table clean-outputs
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install xmodal with its dev tools
+
+demo: $(STAMP)  ## pretrain the tiny CLIP on the shapes world, run every method, print the tables
+	$(PY) scripts/demo.py
+
+test: $(STAMP)  ## fast test suite (no slow/gpu tests)
+	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
+
+test-all: $(STAMP)  ## every test except the GPU ones, slow ones included
+	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
+
+lint: $(STAMP)  ## ruff lint + format check
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
+
+format: $(STAMP)  ## ruff autofix + format
+	$(PY) -m ruff check --fix src tests benchmarks scripts
+	$(PY) -m ruff format src tests benchmarks scripts
+
+bench: $(STAMP)  ## performance benchmarks: print measured ratios against baselines
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+table: $(STAMP)  ## render a paper table from run directories: make table TABLE=<name>
+	$(PY) -m xmodal.cli.table table=$(TABLE)
+
+clean-outputs:  ## delete outputs/ (run directories, caches, exported checkpoints)
+	rm -rf outputs

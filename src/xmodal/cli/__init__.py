@@ -1,0 +1,1 @@
+"""Thin command-line entry points: compose with Hydra, call ``xmodal.pipeline``, return."""

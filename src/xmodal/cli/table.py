@@ -1,0 +1,47 @@
+"""``xmodal-table table=<name> [formats=markdown,latex,csv] [out=<dir>] [<override> ...]``.
+
+Collects metrics.json from the run directories a ``conf/table/<name>.yaml`` names, prints the
+markdown table and writes markdown, LaTeX and CSV to ``<out>`` (default
+``$XMODAL_OUTPUT/tables``). Extra ``key=value`` overrides are applied to every row's run lookup
+(e.g. ``data.shapes_world=small``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from xmodal.config import list_configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts = {"table": None, "formats": "markdown,latex,csv", "out": None}
+    extra = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in opts:
+            opts[key] = value
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            print("tables:", ", ".join(list_configs("table")))
+            return 0
+        else:
+            extra.append(arg)
+    if not opts["table"]:
+        print(__doc__, file=sys.stderr)
+        print("tables:", ", ".join(list_configs("table")), file=sys.stderr)
+        return 2
+    from xmodal.tables import build, render_markdown, table_config
+
+    out = Path(opts["out"] or Path(os.environ.get("XMODAL_OUTPUT", "outputs")) / "tables")
+    rows, written = build(opts["table"], out, opts["formats"].split(","), extra)
+    print(render_markdown(table_config(opts["table"]), rows))
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Config schemas, resolvers and `compose()` for use outside `@hydra.main`.
+
+YAML under ``conf/`` is the readable source; the dataclasses here are the schemas that check it.
+Every group option starts with ``defaults: [_schema, _self_]`` so that a mistyped key fails at
+compose time (struct mode), whether it comes from a YAML file or a command-line override.
+
+Run directories are deterministic: ``<paths.output_dir>/<task>/<run_name>/<run_hash>`` where
+``run_name`` is the experiment (``default`` without one) and ``run_hash`` hashes the sorted
+command-line overrides that change the result (not ``force``, ``resume``, logger or device counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# ----------------------------------------------------------------------------------------------
+# Where the configs live
+# ----------------------------------------------------------------------------------------------
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory: env ``XMODAL_CONF_DIR`` or ``<repo>/conf`` next to ``src/``."""
+    env = os.environ.get("XMODAL_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"xmodal configs not found at {path} (expected train.yaml and eval.yaml there). "
+            "Install xmodal from a clone (`pip install -e .`) or set XMODAL_CONF_DIR to the "
+            "repository's conf/ directory."
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Run identity
+# ----------------------------------------------------------------------------------------------
+
+#: Overrides that do not change a run's result, so they do not change its directory.
+NEUTRAL_OVERRIDE_PREFIXES = (
+    "force",
+    "resume",
+    "experiment",
+    "hydra",
+    "logger",
+    "launcher",
+    "paths",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "data.num_workers",
+    "print_config",
+)
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0]
+    return key.lstrip("+~")
+
+
+def run_hash(overrides: Sequence[str] | None) -> str:
+    """Short stable hash of the result-changing overrides (order-insensitive)."""
+    kept = sorted(
+        o
+        for o in (overrides or [])
+        if not any(
+            _override_key(o) == p
+            or _override_key(o).startswith(p + ".")
+            or _override_key(o).startswith(p + "/")
+            for p in NEUTRAL_OVERRIDE_PREFIXES
+        )
+    )
+    return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10] if kept else "base"
+
+
+def _run_name(experiment: str | None) -> str:
+    return str(experiment) if experiment not in (None, "None", "null", "") else "default"
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("xmodal.hash"):
+        OmegaConf.register_new_resolver(
+            "xmodal.hash", lambda overrides: run_hash(list(overrides or []))
+        )
+    if not OmegaConf.has_resolver("xmodal.run_name"):
+        OmegaConf.register_new_resolver("xmodal.run_name", _run_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    shapes_dir: str = MISSING
+    cache_dir: str = MISSING
+    checkpoint_dir: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    """One dataset split. ``family`` picks the loader module in ``xmodal.data``."""
+
+    name: str = MISSING
+    family: str = MISSING  # coco | flickr30k | fashioniq | cirr | imagenet | coop
+    root: str = MISSING
+    split: str = "test"
+    train_split: str = "train"
+    val_split: str | None = "val"
+    format: str = "auto"
+    dataset: str | None = None  # imagenet variant or CoOp dataset name
+    categories: list[str] = field(default_factory=list)  # FashionIQ categories
+    protocol: str = "clip4cir"  # FashionIQ evaluation protocol (datasets/cir.md §1.3)
+    remove_reference: bool | None = None
+    shapes_world: str | None = None  # small | medium: write the shapes world here if missing
+    batch_size: int = 64
+    num_workers: int = 0
+    on_corrupt: str = "fail"  # fail | skip
+    preload: bool = False  # decode + transform all training images once (small datasets)
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "lightning.pytorch.Trainer"
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_epochs: int = 1
+    max_steps: int = -1
+    min_epochs: int | None = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    limit_predict_batches: Any = None
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = False
+    num_sanity_val_steps: int = 0
+    use_distributed_sampler: bool = True
+
+
+@dataclass
+class RetrievalEvaluatorConfig:
+    """``evaluator=retrieval``: image<->text Recall@K in both directions."""
+
+    _target_: str = "xmodal.evaluators.retrieval.RetrievalEvaluator"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    chunk_size: int = 1024
+    cache: bool = True
+
+
+@dataclass
+class ClipPretrainConfig:
+    """``method=clip_pretrain``: contrastive pretraining of a (tiny) CLIP on image-caption pairs."""
+
+    _target_: str = "xmodal.methods.clip_pretrain.ClipPretrain"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    export_name: str | None = None  # also save the backbone to paths.checkpoint_dir/<name>.pt
+    monitor: str = "val/R@1"  # checkpoint metric (mean of t2i and i2t R@1, percent)
+
+
+@dataclass
+class _BaseRunConfig:
+    task: str = MISSING
+    seed: int = 0
+    force: bool = False
+    resume: str | None = None  # null | auto | <path to a checkpoint>
+    print_config: bool = False
+    run_name: str = MISSING
+    run_hash: str = MISSING
+    run_dir: str = MISSING
+    paths: Any = MISSING
+    data: Any = MISSING
+    backbone: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainRunConfig(_BaseRunConfig):
+    method: Any = MISSING
+    test_after_fit: bool = True
+
+
+@dataclass
+class EvalRunConfig(_BaseRunConfig):
+    evaluator: Any = MISSING
+
+
+def _group_schemas() -> dict[str, type]:
+    from xmodal.backbones.config import BackboneConfig
+
+    return {
+        "paths": PathsConfig,
+        "data": DataConfig,
+        "trainer": TrainerConfig,
+        "backbone": BackboneConfig,
+    }
+
+
+#: Schemas of the options of polymorphic groups, as ``"module:Class"`` (imported lazily), stored as
+#: ``<group>/_schema_<name>``; the option's YAML starts with ``defaults: [_schema_<name>, _self_]``.
+#: A method or evaluator module defines its own schema dataclass next to its code.
+OPTION_SCHEMAS: dict[tuple[str, str], str] = {
+    ("evaluator", "retrieval"): "xmodal.config:RetrievalEvaluatorConfig",
+    ("evaluator", "uclip"): "xmodal.evaluators.uclip:UCLIPConfig",
+    ("evaluator", "zeroshot"): "xmodal.evaluators.zeroshot:ZeroShotConfig",
+    ("evaluator", "xmore"): "xmodal.evaluators.xmore:XMoReConfig",
+    ("method", "clip_pretrain"): "xmodal.config:ClipPretrainConfig",
+    ("method", "ruir"): "xmodal.methods.ruir:RUIRConfig",
+    ("method", "hug"): "xmodal.methods.hug:HUGConfig",
+}
+
+
+def _load_schema(path: str) -> type | None:
+    """Import ``"module:Class"``; None while that module does not exist (not yet implemented)."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+    return getattr(module, attr)
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    _register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="_schema_train", node=TrainRunConfig)
+    cs.store(name="_schema_eval", node=EvalRunConfig)
+    for group, schema in _group_schemas().items():
+        cs.store(group=group, name="_schema", node=schema)
+    for (group, name), path in OPTION_SCHEMAS.items():
+        schema = _load_schema(path)
+        if schema is not None:
+            cs.store(group=group, name=f"_schema_{name}", node=schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# compose() outside @hydra.main
+# ----------------------------------------------------------------------------------------------
+
+
+def compose(config_name: str = "train", overrides: Sequence[str] | None = None) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, as the CLI would (tests, notebooks).
+
+    The returned config has the ``hydra`` node removed and ``HydraConfig`` set, so interpolations
+    such as the run directory resolve exactly as under ``xmodal-train`` / ``xmodal-eval``.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def open_dict(cfg: DictConfig):
+    """`omegaconf.open_dict`, re-exported so callers need one import."""
+    from omegaconf import open_dict as _open_dict
+
+    return _open_dict(cfg)
+
+
+def list_configs(group: str, pattern: str = "*") -> list[str]:
+    """Names of the YAML options of a config group (``experiment`` is searched recursively)."""
+    import fnmatch
+
+    base = conf_dir() / group
+    names = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]

@@ -1,0 +1,58 @@
+"""What a training-free evaluator receives: the run's config, trainer, backbone and cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from xmodal.retrieval.cache import EmbeddingCache, digest
+
+
+@dataclass
+class EvalContext:
+    """Everything an evaluator's ``evaluate(ctx) -> dict`` may use.
+
+    ``trainer`` drives encoding (DDP-sharded); ``cache`` stores embeddings keyed by
+    ``embedding_key``; ``run_dir`` receives plots (rank 0 writes).
+    """
+
+    cfg: DictConfig
+    trainer: pl.Trainer
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    cache: EmbeddingCache
+    run_dir: Path
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.trainer.global_rank == 0
+
+    def embedding_key(self, kind: str, items: list[Any], **extra: Any) -> dict[str, Any]:
+        """Cache key of the embeddings of ``items`` (image refs or texts) under this backbone."""
+        from xmodal.backbones import identity
+
+        data = self.cfg.data
+        return {
+            "backbone": identity(self.cfg.backbone),
+            "dataset": data.name,
+            "root": str(Path(data.root).resolve()),
+            "kind": kind,
+            "items": digest(items),
+            "count": len(items),
+            "transform": repr(self.preprocess) if kind == "image" else None,
+            **extra,
+        }
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        return {"batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers}
+
+
+def config_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,116 @@
+"""``evaluator=retrieval``: zero-shot image<->text Recall@K (CLIP_benchmark protocol).
+
+Texts query images (t2i, CLIP_benchmark's ``image_retrieval_recall@k``) and images query texts (i2t,
+``text_retrieval_recall@k``); a query is a hit at k when any positive is in its top k of the cosine
+ranking. Recalls are reported in percent. Images that fail to decode are dropped with their
+captions when ``data.on_corrupt=skip`` and counted in ``skipped_images``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xmodal.data.base import RetrievalSplit
+from xmodal.evaluators.base import EvalContext
+
+
+def image_text_recall(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Cosine R@K in percent for both directions from raw embeddings (``t2i/R@k``, ``i2t/R@k``,
+    ``mean/R@1``); nothing of size texts x images is built."""
+    from xmodal.metrics.retrieval import image_text_recall as recall
+
+    fractions = recall(
+        F.normalize(image_emb.float(), dim=-1),
+        F.normalize(text_emb.float(), dim=-1),
+        caption_image,
+        ks,
+        chunk_size=chunk_size,
+    )
+    out = {key: 100.0 * value for key, value in fractions.items()}
+    if 1 in ks:
+        out["mean/R@1"] = (out["t2i/R@1"] + out["i2t/R@1"]) / 2
+    return out
+
+
+def drop_invalid_images(
+    split: RetrievalSplit, image_emb: torch.Tensor, text_emb: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Remove undecodable images and their captions; returns embeddings, caption_image, #skipped."""
+    caption_image = torch.tensor(split.caption_image, dtype=torch.long)
+    if bool(valid.all()):
+        return image_emb, text_emb, caption_image, 0
+    new_index = torch.cumsum(valid.long(), 0) - 1
+    keep_text = valid[caption_image]
+    return (
+        image_emb[valid],
+        text_emb[keep_text],
+        new_index[caption_image[keep_text]],
+        int((~valid).sum()),
+    )
+
+
+class RetrievalEvaluator:
+    """Encode the split's images and captions (cached), then R@K both ways."""
+
+    def __init__(
+        self, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024, cache: bool = True
+    ) -> None:
+        self.ks = tuple(int(k) for k in ks)
+        self.chunk_size = chunk_size
+        self.use_cache = cache
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, Any]:
+        from xmodal.data.datamodule import load_split
+        from xmodal.data.images import ImageDataset
+        from xmodal.retrieval.encode import TextDataset, encode_cached, text_collate
+
+        split = load_split(ctx.cfg.data)
+        if not isinstance(split, RetrievalSplit):
+            raise TypeError(
+                f"evaluator=retrieval needs an image-text dataset (coco, flickr30k), "
+                f"got data={ctx.cfg.data.name} of family {ctx.cfg.data.family}"
+            )
+        ctx.cache.enabled = ctx.cache.enabled and self.use_cache
+        images = ImageDataset(split.image_paths, ctx.preprocess, on_corrupt=ctx.cfg.data.on_corrupt)
+        image_emb, valid = encode_cached(
+            ctx.cache,
+            ctx.embedding_key("image", split.image_paths),
+            ctx.trainer,
+            ctx.model,
+            images,
+            "image",
+            **ctx.loader_kwargs(),
+        )
+        text_emb, _ = encode_cached(
+            ctx.cache,
+            ctx.embedding_key("text", split.captions),
+            ctx.trainer,
+            ctx.model,
+            TextDataset(split.captions),
+            "text",
+            collate_fn=text_collate(ctx.tokenizer),
+            **ctx.loader_kwargs(),
+        )
+        image_emb, text_emb, caption_image, skipped = drop_invalid_images(
+            split, image_emb, text_emb, valid
+        )
+        metrics = image_text_recall(image_emb, text_emb, caption_image, self.ks, self.chunk_size)
+        out: dict[str, Any] = {f"test/{k}": v for k, v in metrics.items()}
+        out.update(
+            {
+                "test/num_images": len(image_emb),
+                "test/num_texts": len(text_emb),
+                "test/skipped_images": skipped,
+            }
+        )
+        return out

@@ -1,0 +1,1 @@
+"""Trainable methods (``method=<name>``): LightningModules with ``from_config(cfg)``."""

@@ -1,0 +1,84 @@
+"""The command-line entry points end to end on the small shapes world."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xmodal.config import compose
+from xmodal.runs import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.shapes_world=small", "trainer=cpu", "trainer.enable_progress_bar=false"]
+
+
+def _cli(entry: str, overrides: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"xmodal.cli.{entry}", *overrides]
+    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    res = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def pretrained(xmodal_env, shapes_world):
+    """Pretrain the tiny CLIP for 2 epochs through `xmodal-train` (exports the backbone)."""
+    overrides = ["experiment=shapes/clip_pretrain", *SMALL, "trainer.max_epochs=2",
+                 "data.batch_size=16"]
+    _cli("train", overrides, xmodal_env)
+    return compose("train", overrides)
+
+
+def test_train_writes_run_dir_checkpoints_and_export(pretrained):
+    run = Path(pretrained.run_dir)
+    for name in ("config.yaml", "overrides.yaml", "run.json", "metrics.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    metrics = read_metrics(run)
+    for key in ("val/R@1", "test/t2i/R@1", "test/i2t/R@10"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert (Path(pretrained.paths.checkpoint_dir) / "tiny_clip_shapes.pt").is_file()
+    assert json.loads((run / "run.json").read_text())["status"] == "done"
+
+
+def test_eval_with_pretrained_backbone_then_skip_then_force(pretrained, xmodal_env):
+    overrides = ["experiment=shapes/retrieval", *SMALL]
+    _cli("eval", overrides, xmodal_env)
+    cfg = compose("eval", overrides)
+    metrics = read_metrics(cfg.run_dir)
+    assert set(metrics) >= {f"test/{d}/R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    assert metrics["test/num_images"] > 0 and metrics["test/num_texts"] > metrics["test/num_images"]
+    assert metrics["test/t2i/R@1"] <= metrics["test/t2i/R@5"] <= metrics["test/t2i/R@10"]
+    mtime = Path(cfg.run_dir, "metrics.json").stat().st_mtime_ns
+    res = _cli("eval", overrides, xmodal_env)  # finished: skipped
+    assert Path(cfg.run_dir, "metrics.json").stat().st_mtime_ns == mtime
+    assert "skipping" in res.stderr + res.stdout
+    _cli("eval", [*overrides, "force=true"], xmodal_env)  # forced: redone, same numbers (cache)
+    assert read_metrics(cfg.run_dir) == metrics
+    assert len(list(Path(cfg.run_dir).glob("metrics.*.json"))) == 1
+
+
+def test_missing_dataset_gives_one_paragraph(xmodal_env, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmodal.cli.eval",
+        "data=coco",
+        f"data.root={tmp_path}/nope",
+        "trainer=cpu",
+    ]
+    res = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **xmodal_env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0
+    assert "prepare_coco.py" in res.stderr and "expected layout" in res.stderr
