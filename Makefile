@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xmodal-installed
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 export XMODAL_ROOT ?= $(CURDIR)
 
-.PHONY: help install demo test test-all lint format bench table clean-outputs
+.PHONY: help install demo test test-all lint format bench table wandb-sync clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ bench: $(STAMP)  ## performance benchmarks: print measured ratios against baseli
 
 table: $(STAMP)  ## render a paper table from run directories: make table TABLE=<name>
 	$(PY) -m xmodal.cli.table table=$(TABLE)
+
+wandb-sync: $(STAMP)  ## upload offline W&B runs under $$XMODAL_OUTPUT (default outputs/)
+	@runs=$$(find $${XMODAL_OUTPUT:-outputs} -type d -name 'offline-run-*' 2>/dev/null); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under $${XMODAL_OUTPUT:-outputs}"; \
+	else $(VENV)/bin/wandb sync $$runs; fi
 
 clean-outputs:  ## delete outputs/ (run directories, caches, exported checkpoints)
 	rm -rf outputs

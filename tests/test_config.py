@@ -138,3 +138,11 @@ def test_paths_read_environment(xmodal_env):
     assert cfg.paths.data_dir == xmodal_env["XMODAL_DATA"]
     assert cfg.paths.output_dir == xmodal_env["XMODAL_OUTPUT"]
     assert cfg.paths.shapes_dir == xmodal_env["XMODAL_DATA"] + "/shapes"
+
+
+def test_run_hash_is_spelling_insensitive_like_sweep_jobs():
+    # a sweep job's override list spells values the way Hydra normalises them
+    assert run_hash(["x=false", "r=${paths.data_dir}/a"]) == run_hash(
+        ["r=$\\{paths.data_dir\\}/a", "x=False"]
+    )
+    assert run_hash(["x=1"]) != run_hash(["x=1.0"]) != run_hash(["+x=1"])

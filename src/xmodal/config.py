@@ -67,10 +67,26 @@ def _override_key(override: str) -> str:
     return key.lstrip("+~")
 
 
+def canonical_override(override: str) -> str:
+    """``key=value`` with the value parsed by Hydra's grammar, so ``x=false`` and ``x=False``
+    (or an interpolation and its escaped form in a sweep job) name the same run."""
+    import json
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (parsed,) = OverridesParser.create().parse_overrides([override])
+        value = parsed.value()
+    except Exception:  # noqa: BLE001 - an unparsable override is hashed as written
+        return override
+    prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(parsed.type.name, "")
+    return f"{prefix}{parsed.key_or_group}={json.dumps(value, sort_keys=True, default=str)}"
+
+
 def run_hash(overrides: Sequence[str] | None) -> str:
-    """Short stable hash of the result-changing overrides (order-insensitive)."""
+    """Short stable hash of the result-changing overrides (order- and spelling-insensitive)."""
     kept = sorted(
-        o
+        canonical_override(o)
         for o in (overrides or [])
         if not any(
             _override_key(o) == p
@@ -82,17 +98,28 @@ def run_hash(overrides: Sequence[str] | None) -> str:
     return hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10] if kept else "base"
 
 
+def _current_run_hash() -> str:
+    """``run_hash`` of this job's command-line overrides, read unresolved from HydraConfig (so an
+    interpolation in an override is hashed as written, the same in a single run and a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return run_hash(OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False))
+
+
 def _run_name(experiment: str | None) -> str:
     return str(experiment) if experiment not in (None, "None", "null", "") else "default"
 
 
 def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("xmodal.hash"):
-        OmegaConf.register_new_resolver(
-            "xmodal.hash", lambda overrides: run_hash(list(overrides or []))
-        )
+    if not OmegaConf.has_resolver("xmodal.run_hash"):
+        OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
         OmegaConf.register_new_resolver("xmodal.run_name", _run_name)
+    if not OmegaConf.has_resolver("xmodal.wandb_id"):
+        # one logger run id per run directory: a resumed job logs into the same W&B run
+        OmegaConf.register_new_resolver(
+            "xmodal.wandb_id", lambda run_dir: hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]
+        )
 
 
 # ----------------------------------------------------------------------------------------------

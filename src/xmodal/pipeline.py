@@ -8,6 +8,7 @@ clean up (loggers finished) in ``finally``. The CLIs in ``xmodal.cli`` only comp
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,25 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
+class ConfigInCheckpoint(pl.Callback):
+    """Stores the resolved run config in every checkpoint (``checkpoint["xmodal_config"]``), so a
+    checkpoint alone rebuilds its model (``xmodal.load_run``) without the original command line."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["xmodal_config"] = self.config
+
+
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
-        kwargs["callbacks"] = _instantiate_group(cfg.get("callbacks"))
+        kwargs["callbacks"] = [*_instantiate_group(cfg.get("callbacks")), ConfigInCheckpoint(cfg)]
     else:
         # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler)
         kwargs.update(logger=False, enable_checkpointing=False, use_distributed_sampler=False)
@@ -71,6 +85,7 @@ def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[RunDir, dict[st
         return run, read_metrics(run.path)
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
+    check_slurm_allocation(cfg.trainer)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     from xmodal.data.datamodule import ensure_shapes_world
 
@@ -92,6 +107,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     try:
         model, preprocess, tokenizer = backbones.build(cfg.backbone)
         trainer = build_trainer(cfg, training=False)
+        run.note(world_size=trainer.world_size)
         evaluator = instantiate(cfg.evaluator)
         ctx = EvalContext(
             cfg=cfg,
@@ -113,7 +129,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Fit ``cfg.method`` (a LightningModule class with ``from_config``), test it, return metrics."""
+    """Fit ``cfg.method`` (a LightningModule with ``from_config``), test it, return metrics."""
     run, done = _prepare(cfg, overrides)
     if done is not None:
         return done
@@ -122,8 +138,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         method_cls = get_class(cfg.method._target_)
         module, datamodule = method_cls.from_config(cfg)
         trainer = build_trainer(cfg, training=True)
+        run.note(world_size=trainer.world_size)
         ckpt_path = _resume_path(cfg)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, Any] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
         }
@@ -155,3 +172,69 @@ def _resume_path(cfg: DictConfig) -> str | None:
             "continue from <run_dir>/checkpoints/last.ckpt."
         )
     return str(resume)
+
+
+def _slurm_tasks_per_node() -> int | None:
+    """SLURM_NTASKS_PER_NODE, or the first count of SLURM_TASKS_PER_NODE (e.g. ``4(x2)``)."""
+    value = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not value:
+        return None
+    return int(value.split("(")[0].split(",")[0])
+
+
+def check_slurm_allocation(trainer_cfg: DictConfig) -> None:
+    """Inside a SLURM job, the allocation must match ``trainer.devices`` x ``trainer.num_nodes``.
+
+    Lightning would otherwise hang or run with a different world size than the config says.
+    """
+    if "SLURM_JOB_ID" not in os.environ or os.environ.get("SLURM_JOB_NAME") in (
+        "bash",
+        "interactive",
+    ):
+        return
+    nodes = int(os.environ.get("SLURM_NNODES", os.environ.get("SLURM_JOB_NUM_NODES", "1")))
+    tasks = _slurm_tasks_per_node()
+    devices = trainer_cfg.devices
+    problems = []
+    if nodes != trainer_cfg.num_nodes:
+        problems.append(f"SLURM gave {nodes} node(s) but trainer.num_nodes={trainer_cfg.num_nodes}")
+    if tasks is not None and isinstance(devices, int) and tasks != devices:
+        problems.append(f"SLURM runs {tasks} task(s) per node but trainer.devices={devices}")
+    if problems:
+        raise RuntimeError(
+            "SLURM allocation and trainer config disagree: " + "; ".join(problems) + ". Launch "
+            "with `launcher=slurm`, which takes nodes and tasks per node from trainer.num_nodes "
+            "and trainer.devices, or fix the sbatch script (--nodes, --ntasks-per-node)."
+        )
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> Any:
+    """Rebuild a trained method from its run directory, without the original command line.
+
+    Reads the resolved config stored in the checkpoint (``checkpoints/best.ckpt``, or ``last``, or
+    a path), builds the method through its ``from_config`` and loads the weights with
+    ``weights_only=True``. Returns the LightningModule in eval mode with ``.config`` attached.
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    path = (
+        Path(checkpoint)
+        if checkpoint.endswith(".ckpt")
+        else (run_dir / "checkpoints" / f"{checkpoint}.ckpt")
+    )
+    if not path.is_file():
+        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        raise FileNotFoundError(
+            f"no checkpoint {path}; found {found or 'none'} in "
+            f"{run_dir / 'checkpoints'}. Is {run_dir} a training run?"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "xmodal_config" not in state:
+        raise ValueError(f"{path} holds no xmodal_config: it was not written by xmodal-train")
+    cfg = OmegaConf.create(state["xmodal_config"])
+    module, _ = get_class(cfg.method._target_).from_config(cfg)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+    module.config = cfg
+    return module

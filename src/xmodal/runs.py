@@ -77,10 +77,12 @@ def global_rank() -> int:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    for var in ("RANK", "SLURM_PROCID"):
         if var in os.environ:
             return int(os.environ[var])
-    return 0
+    # Lightning's subprocess launcher sets LOCAL_RANK and NODE_RANK; only "is it 0" matters here
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+    return node * 1_000_000 + int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_finished(run_dir: Path | str) -> bool:
@@ -118,8 +120,12 @@ class RunDir:
             status="running",
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             git_sha=git_sha(),
-            world_size=_world_size(),
         )
+
+    def note(self, **fields: Any) -> None:
+        """Add facts to run.json (rank 0 only), e.g. the world size once the trainer exists."""
+        if self.rank == 0:
+            self._update_run_info(**fields)
 
     def finish(self, metrics: Mapping[str, Any]) -> None:
         if self.rank != 0:
@@ -138,6 +144,3 @@ class RunDir:
         info.update(fields)
         atomic_write_json(info_path, info)
 
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))

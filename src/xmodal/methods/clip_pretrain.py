@@ -23,6 +23,21 @@ from torch.utils.data import DataLoader
 from xmodal.data.datamodule import ImageTextDataModule, load_split
 
 
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank in rank order, keeping gradients to each rank's part.
+
+    With it every rank computes the loss of the whole global batch, and DDP's gradient averaging
+    then gives exactly the single-process gradient (see ``ClipPretrain.training_step``).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
 def clip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
@@ -109,9 +124,11 @@ class ClipPretrain(pl.LightningModule):
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, Any], batch_idx: int) -> torch.Tensor:
         images, tokens = batch
+        # the loss of the global batch (gathered over ranks); the gather's backward sums each
+        # rank's gradient, so DDP's average equals the single-process gradient
         loss = clip_loss(
-            self.model.encode_image(images),
-            self.model.encode_text(tokens),
+            gather_with_grad(self.model.encode_image(images)),
+            gather_with_grad(self.model.encode_text(tokens)),
             self.model.logit_scale.exp().clamp(max=100),
         )
         self.log("train/loss", loss, prog_bar=True)

@@ -1,0 +1,224 @@
+"""From a ``data`` config to loaded splits and Lightning datamodules.
+
+``load_split(data_cfg, split)`` dispatches on ``data.family`` to the loader module of that family
+(``xmodal.data.<family>.load``) and writes the shapes world first when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from xmodal.data.base import CIRSplit, ClassificationSplit, RetrievalSplit
+
+FAMILIES = ("coco", "flickr30k", "fashioniq", "cirr", "imagenet", "coop")
+
+
+def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int = 0) -> None:
+    """Write the shapes world at ``shapes_dir`` if ``data.shapes_world`` names a size.
+
+    Only rank 0 writes (atomically); other ranks wait for the manifest.
+    """
+    size = data_cfg.get("shapes_world")
+    if not size:
+        return
+    from xmodal.data.shapes import write_world
+
+    manifest = Path(shapes_dir) / "MANIFEST.json"
+    if rank == 0:
+        write_world(shapes_dir, seed=0, size=size)
+        return
+    deadline = time.time() + 600
+    while not manifest.is_file():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank}: rank 0 did not write the shapes world {manifest}")
+        time.sleep(1)
+
+
+def load_split(data_cfg: DictConfig, split: str | None = None) -> Any:
+    """Load one split of the configured dataset.
+
+    Returns a ``RetrievalSplit`` (coco, flickr30k), a ``ClassificationSplit`` (imagenet, coop), a
+    ``CIRSplit`` (cirr) or a dict category -> ``CIRSplit`` (fashioniq).
+    """
+    family = data_cfg.family
+    split = split or data_cfg.split
+    root = data_cfg.root
+    if family == "coco":
+        from xmodal.data import coco
+
+        return coco.load(root, split=split, fmt=data_cfg.format)
+    if family == "flickr30k":
+        from xmodal.data import flickr30k
+
+        return flickr30k.load(root, split=split, fmt=data_cfg.format)
+    if family == "fashioniq":
+        from xmodal.data import fashioniq
+
+        categories = list(data_cfg.categories) or list(fashioniq.CATEGORIES)
+        return {
+            cat: fashioniq.load(
+                root,
+                cat,
+                split=split,
+                protocol=data_cfg.protocol,
+                remove_reference=data_cfg.remove_reference,
+            )
+            for cat in categories
+        }
+    if family == "cirr":
+        from xmodal.data import cirr
+
+        return cirr.load(root, split=split)
+    if family == "imagenet":
+        from xmodal.data import imagenet
+
+        return imagenet.load(root, variant=data_cfg.dataset or "imagenet")
+    if family == "coop":
+        from xmodal.data import coop
+
+        return coop.load(root, data_cfg.dataset)
+    raise ValueError(f"unknown data.family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def split_summary(split: Any) -> dict[str, Any]:
+    """Counts worth printing in metrics.json for any loaded split."""
+    if isinstance(split, RetrievalSplit):
+        return {"images": len(split.image_paths), "texts": len(split.captions)}
+    if isinstance(split, ClassificationSplit):
+        return {"images": len(split.image_paths), "classes": len(split.classnames)}
+    if isinstance(split, CIRSplit):
+        return {
+            "queries": len(split.reference),
+            "gallery": len(split.gallery),
+            "protocol": split.protocol,
+        }
+    if isinstance(split, dict):
+        return {k: split_summary(v) for k, v in split.items()}
+    return {}
+
+
+class PairDataset(Dataset):
+    """Training pairs (image, one of its captions) of a ``RetrievalSplit``.
+
+    Items are ``(pixels, caption)``. The caption is drawn from the image's captions by a function
+    of (seed, epoch, index) only, so a resumed or multi-process run sees exactly the pairs an
+    uninterrupted single-process run sees. With ``preload`` every image is decoded and transformed
+    once (the shapes world is small), otherwise per item.
+    """
+
+    def __init__(
+        self, split: RetrievalSplit, transform: Callable, preload: bool = False, seed: int = 0
+    ) -> None:
+        from xmodal.data.images import open_image
+
+        self.split = split
+        self.transform = transform
+        self.open_image = open_image
+        self.captions_of: list[list[str]] = [[] for _ in split.image_paths]
+        for text, img in zip(split.captions, split.caption_image):
+            self.captions_of[img].append(text)
+        self.seed = seed
+        self.epoch = 0
+        self.pixels = (
+            torch.stack([transform(open_image(p)) for p in split.image_paths]) if preload else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.split.image_paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        pixels = (
+            self.pixels[i]
+            if self.pixels is not None
+            else self.transform(self.open_image(self.split.image_paths[i]))
+        )
+        choice = random.Random(f"{self.seed}:{self.epoch}:{i}").randrange(len(self.captions_of[i]))
+        return pixels, self.captions_of[i][choice]
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by seed + epoch) that also tells the dataset the epoch.
+
+    Used with one process too, so 1 and N processes see the same global batches: rank r takes
+    every world-th index of one permutation, and the union of the ranks' local batches equals the
+    single-process batch.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = epoch
+
+
+def train_loader(
+    dataset: Dataset,
+    global_batch_size: int,
+    trainer: pl.Trainer | None,
+    seed: int,
+    collate_fn: Callable | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A shuffled training loader whose global batch is the same for any number of processes.
+
+    Each of the ``world`` ranks loads ``global_batch_size / world`` items per step. The ragged last
+    batch is dropped (contrastive losses want full batches) unless it is the only one.
+    """
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    if global_batch_size % world:
+        raise ValueError(
+            f"data.batch_size={global_batch_size} is the global batch; it must be "
+            f"divisible by the number of processes ({world})"
+        )
+    sampler = EpochSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    local = global_batch_size // world
+    return DataLoader(
+        dataset,
+        batch_size=local,
+        sampler=sampler,
+        drop_last=len(sampler) > local,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
+
+
+class ImageTextDataModule(pl.LightningDataModule):
+    """Image-caption pairs for contrastive training; the validation split for retrieval R@K."""
+
+    def __init__(
+        self, data_cfg: DictConfig, preprocess: Callable, tokenizer: Callable, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg = data_cfg
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.train_split: RetrievalSplit | None = None
+        self.val_split: RetrievalSplit | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_split is None:
+            self.train_split = load_split(self.cfg, self.cfg.train_split)
+        if self.val_split is None and self.cfg.val_split:
+            self.val_split = load_split(self.cfg, self.cfg.val_split)
+
+    def _collate(self, items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, Any]:
+        return torch.stack([p for p, _ in items]), self.tokenizer([c for _, c in items])
+
+    def train_dataloader(self) -> DataLoader:
+        ds = PairDataset(self.train_split, self.preprocess, self.cfg.preload, self.seed)
+        return train_loader(
+            ds, self.cfg.batch_size, self.trainer, self.seed, self._collate, self.cfg.num_workers
+        )
