@@ -15,28 +15,17 @@ Only symlinks are made; nothing is deleted. Then every split is loaded and count
 
 from __future__ import annotations
 
-import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import cirr
+    from xmodal.data import cirr, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import cirr
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import cirr, prepare
 
 IMAGE_FOLDERS = ("train", "dev", "test1")
-
-
-def link(src: Path, dst: Path) -> None:
-    """Symlink ``dst`` -> ``src`` unless ``dst`` already exists (never overwrites)."""
-    if dst.exists() or dst.is_symlink():
-        print(f"keep   {dst} (exists)")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src, target_is_directory=src.is_dir())
-    print(f"link   {dst} -> {src}")
 
 
 def image_root(folder: Path) -> Path:
@@ -44,29 +33,15 @@ def image_root(folder: Path) -> Path:
     return folder / "img_raw" if (folder / "img_raw").is_dir() else folder
 
 
-def validate(root: Path) -> bool:
-    """Load each split and print its counts."""
-    ok = True
-    for split in cirr.SPLITS:
-        try:
-            data = cirr.load(root, split=split)
-        except DatasetLayoutError as exc:
-            # the full paragraph once, then only the problem line
-            print(f"FAIL   {split}:" + (f"\n{exc}" if ok else " " + str(exc).splitlines()[0]))
-            ok = False
-            continue
-        targets = "no targets" if data.target is None else "with targets"
-        print(
-            f"ok     {split:5s} {len(data.reference):6d} queries "
-            f"{len(data.gallery):6d} images, {targets}"
-        )
-    return ok
+def counts(root: Path, split: str) -> str:
+    """Load one split; its counts as printed after ``ok``."""
+    data = cirr.load(root, split=split)
+    targets = "no targets" if data.target is None else "with targets"
+    return f"{split:5s} {len(data.reference):6d} queries {len(data.gallery):6d} images, {targets}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--root", type=Path, required=True, help="dataset root to fill (data.root)")
     parser.add_argument("--source", type=Path, help="an official or CLIP4Cir CIRR download")
     parser.add_argument(
@@ -78,16 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         source = args.source.expanduser().resolve()
         if not (source / "cirr").is_dir():
             raise SystemExit(f"error: {source / 'cirr'} (captions/, image_splits/) not found")
-        link(source / "cirr", args.root / "cirr")
+        prepare.link(source / "cirr", args.root / "cirr")
         for folder in IMAGE_FOLDERS:
             if (image_root(source) / folder).is_dir():
-                link(image_root(source) / folder, args.root / "img_raw" / folder)
+                prepare.link(image_root(source) / folder, args.root / "img_raw" / folder)
     if args.to_official:
         root = args.root.resolve()
         for folder in IMAGE_FOLDERS:
             if (root / folder).is_dir():
-                link(root / folder, root / "img_raw" / folder)
-    return 0 if validate(args.root) else 1
+                prepare.link(root / folder, root / "img_raw" / folder)
+    loads = ((split, partial(counts, args.root, split)) for split in cirr.SPLITS)
+    return 0 if prepare.validate(loads) else 1
 
 
 if __name__ == "__main__":

@@ -15,60 +15,50 @@ Only symlinks are made; nothing is deleted. Then every split found is loaded and
 
 from __future__ import annotations
 
-import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import coco
+    from xmodal.data import coco, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import coco
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import coco, prepare
 
 
-def link(src: Path, dst: Path) -> None:
-    """Symlink ``dst`` -> ``src`` unless ``dst`` already exists (never overwrites)."""
-    src = src.expanduser().resolve()
-    if not src.exists():
-        raise SystemExit(f"error: {src} does not exist")
-    if dst.exists() or dst.is_symlink():
-        print(f"keep   {dst} (exists)")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src, target_is_directory=src.is_dir())
-    print(f"link   {dst} -> {src}")
+def present(root: Path, fmt: str, split: str) -> bool:
+    """Whether ``root`` holds ``split`` in format ``fmt``."""
+    if fmt == "karpathy":
+        return (root / "dataset_coco.json").exists()
+    return (root / "wds" / split).is_dir()
+
+
+def counts(root: Path, fmt: str, split: str) -> str:
+    """Load one split in one format; its counts as printed after ``ok``."""
+    data = coco.load(root, split=split, fmt=fmt)
+    per_image = [data.caption_image.count(i) for i in range(len(data.image_paths))]
+    return (
+        f"{fmt:8s} {split:5s} {len(data.image_paths):7d} images "
+        f"{len(data.captions):7d} captions ({min(per_image)}-{max(per_image)} per image)"
+    )
 
 
 def validate(root: Path) -> bool:
     """Load every split in every format present and print its counts."""
-    ok = False
-    for fmt in ("karpathy", "wds"):
-        for split in coco.SPLITS:
-            if fmt == "wds" and not (root / "wds" / split).is_dir():
-                continue
-            if fmt == "karpathy" and not (root / "dataset_coco.json").exists():
-                continue
-            try:
-                data = coco.load(root, split=split, fmt=fmt)
-            except DatasetLayoutError as exc:
-                print(f"FAIL   {fmt} {split}:\n{exc}")
-                return False
-            per_image = [data.caption_image.count(i) for i in range(len(data.image_paths))]
-            print(
-                f"ok     {fmt:8s} {split:5s} {len(data.image_paths):7d} images "
-                f"{len(data.captions):7d} captions ({min(per_image)}-{max(per_image)} per image)"
-            )
-            ok = True
-    if not ok:
-        print(f"FAIL   nothing to load under {root}; see --help")
-    return ok
+    loads = [
+        (f"{fmt} {split}", partial(counts, root, fmt, split))
+        for fmt in ("karpathy", "wds")
+        for split in coco.SPLITS
+        if present(root, fmt, split)
+    ]
+    if not loads:
+        prepare.report("FAIL", f"nothing to load under {root}; see --help")
+        return False
+    return prepare.validate(loads, stop_at_first=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--root", type=Path, required=True, help="dataset root to fill (data.root)")
     parser.add_argument("--hf-snapshot", type=Path, help="local clip-benchmark/wds_mscoco_captions")
     parser.add_argument("--karpathy-json", type=Path, help="Karpathy's dataset_coco.json")
@@ -80,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         if not splits:
             raise SystemExit(f"error: no <split>/nshards.txt in {args.hf_snapshot}")
         for d in splits:
-            link(d, args.root / "wds" / d.name)
+            prepare.link(d, args.root / "wds" / d.name, resolve=True)
     if args.karpathy_json:
-        link(args.karpathy_json, args.root / "dataset_coco.json")
+        prepare.link(args.karpathy_json, args.root / "dataset_coco.json", resolve=True)
     for folder in args.images:
-        link(folder, args.root / folder.expanduser().resolve().name)
+        prepare.link(folder, args.root / folder.expanduser().resolve().name, resolve=True)
     return 0 if validate(args.root) else 1
 
 

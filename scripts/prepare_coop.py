@@ -11,17 +11,27 @@ then loads the test split and compares its counts with the CoOp paper.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import coop
+    from xmodal.data import coop, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import coop
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import coop, prepare
+
+
+def counts(data_root: Path, name: str) -> str:
+    """Load the test split of ``name``; its counts as printed after ``ok``."""
+    spec = coop.DATASETS[name]
+    data = coop.load(data_root, name)
+    same = len(data.image_paths) == spec.num_test and len(data.classnames) == spec.num_classes
+    return (
+        f"{name:15s} {len(data.image_paths):6d} test images {len(data.classnames):4d} classes"
+        + ("" if same else f"  (CoOp paper: {spec.num_test} / {spec.num_classes})")
+    )
 
 
 def check(data_root: Path, name: str) -> bool:
@@ -33,26 +43,13 @@ def check(data_root: Path, name: str) -> bool:
         needed.append(root / "variants.txt")
     missing = [str(p) for p in dict.fromkeys(needed) if not p.exists()]
     if missing:
-        print(f"MISS   {name:15s} " + ", ".join(missing))
+        prepare.report("MISS", f"{name:15s} " + ", ".join(missing))
         return False
-    try:
-        data = coop.load(data_root, name)
-    except DatasetLayoutError as exc:
-        print(f"FAIL   {name}:\n{exc}")
-        return False
-    same = len(data.image_paths) == spec.num_test and len(data.classnames) == spec.num_classes
-    print(
-        f"ok     {name:15s} {len(data.image_paths):6d} test images "
-        f"{len(data.classnames):4d} classes"
-        + ("" if same else f"  (CoOp paper: {spec.num_test} / {spec.num_classes})")
-    )
-    return True
+    return prepare.validate([(name, partial(counts, data_root, name))])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="data root (data.root)")
     parser.add_argument(
         "--datasets", nargs="*", default=list(coop.DATASETS), choices=list(coop.DATASETS)

@@ -13,31 +13,18 @@ every protocol whose files exist.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import fashioniq
+    from xmodal.data import fashioniq, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import fashioniq
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import fashioniq, prepare
 
 FOLDERS = ("captions", "image_splits", "captions_pairs", "images")
-
-
-def link(src: Path, dst: Path, quiet: bool = False) -> None:
-    """Symlink ``dst`` -> ``src`` unless ``dst`` already exists (never overwrites)."""
-    if dst.exists() or dst.is_symlink():
-        if not quiet:
-            print(f"keep   {dst} (exists)")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src, target_is_directory=src.is_dir())
-    if not quiet:
-        print(f"link   {dst} -> {src}")
 
 
 def flatten_image_data(source: Path, root: Path) -> None:
@@ -48,42 +35,39 @@ def flatten_image_data(source: Path, root: Path) -> None:
             continue
         names = sorted(os.listdir(folder))
         for name in names:
-            link(folder / name, root / "images" / name, quiet=True)
-        print(f"link   {len(names)} files of {folder} into {root / 'images'}")
+            prepare.link(folder / name, root / "images" / name, quiet=True)
+        prepare.report("link", f"{len(names)} files of {folder} into {root / 'images'}")
+
+
+def applies(root: Path, split: str, protocol: str) -> bool:
+    """Whether ``split`` is checked under ``protocol`` (it defines the split, its files exist)."""
+    if protocol == "val":
+        return split != "test" and (root / "captions_pairs").is_dir()
+    return not (split == "train" and protocol == "json_union")
+
+
+def counts(root: Path, cat: str, split: str, protocol: str) -> str:
+    """Load one category and split under one protocol; its counts as printed after ``ok``."""
+    data = fashioniq.load(root, cat, split=split, protocol=protocol)
+    return (
+        f"{cat:6s} {split:5s} {protocol:10s} {len(data.reference):6d} queries "
+        f"{len(data.gallery):6d} gallery" + ("" if data.target is not None else " (no targets)")
+    )
 
 
 def validate(root: Path) -> bool:
     """Load each category and split under each protocol whose files exist; print the counts."""
-    ok = True
-    for split in ("train", "val", "test"):
-        for protocol in fashioniq.PROTOCOLS:
-            if protocol == "val" and not (root / "captions_pairs").is_dir():
-                continue
-            if protocol == "val" and split == "test":
-                continue
-            if split == "train" and protocol == "json_union":
-                continue
-            for cat in fashioniq.CATEGORIES:
-                try:
-                    data = fashioniq.load(root, cat, split=split, protocol=protocol)
-                except DatasetLayoutError as exc:
-                    # the full paragraph once, then only the problem line
-                    problem = f"\n{exc}" if ok else " " + str(exc).splitlines()[0]
-                    print(f"FAIL   {cat} {split} {protocol}:{problem}")
-                    ok = False
-                    continue
-                print(
-                    f"ok     {cat:6s} {split:5s} {protocol:10s} {len(data.reference):6d} queries "
-                    f"{len(data.gallery):6d} gallery"
-                    + ("" if data.target is not None else " (no targets)")
-                )
-    return ok
+    return prepare.validate(
+        (f"{cat} {split} {protocol}", partial(counts, root, cat, split, protocol))
+        for split in ("train", "val", "test")
+        for protocol in fashioniq.PROTOCOLS
+        if applies(root, split, protocol)
+        for cat in fashioniq.CATEGORIES
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--root", type=Path, required=True, help="dataset root to fill (data.root)")
     parser.add_argument("--source", type=Path, help="the downloaded FashionIQ folder")
     parser.add_argument(
@@ -97,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {source} is not a folder")
         for folder in FOLDERS:
             if (source / folder).is_dir():
-                link(source / folder, args.root / folder)
+                prepare.link(source / folder, args.root / folder)
         if (source / "image_data").is_dir():
             if args.skip_images:
-                link(source / "image_data", args.root / "image_data")
+                prepare.link(source / "image_data", args.root / "image_data")
             else:
                 flatten_image_data(source, args.root)
     return 0 if validate(args.root) else 1

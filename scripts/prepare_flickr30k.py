@@ -12,78 +12,59 @@ Only symlinks (and the unzip) are made; nothing is deleted. Then every split is 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import flickr30k
+    from xmodal.data import flickr30k, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import flickr30k
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import flickr30k, prepare
 
 IMAGES = "flickr30k-images"
-
-
-def link(src: Path, dst: Path) -> None:
-    """Symlink ``dst`` -> ``src`` unless ``dst`` already exists (never overwrites)."""
-    src = src.expanduser().resolve()
-    if not src.exists():
-        raise SystemExit(f"error: {src} does not exist")
-    if dst.exists() or dst.is_symlink():
-        print(f"keep   {dst} (exists)")
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src, target_is_directory=src.is_dir())
-    print(f"link   {dst} -> {src}")
+FORMATS = {"karpathy": "dataset_flickr30k.json", "nlphuji": "flickr_annotations_30k.csv"}
 
 
 def from_snapshot(snapshot: Path, root: Path) -> None:
     """Link the nlphuji CSV and provide the images folder (unzipping if needed)."""
-    link(snapshot / "flickr_annotations_30k.csv", root / "flickr_annotations_30k.csv")
+    csv = "flickr_annotations_30k.csv"
+    prepare.link(snapshot / csv, root / csv, resolve=True)
     if (snapshot / IMAGES).is_dir():
-        link(snapshot / IMAGES, root / IMAGES)
+        prepare.link(snapshot / IMAGES, root / IMAGES, resolve=True)
     elif (root / IMAGES).exists():
-        print(f"keep   {root / IMAGES} (exists)")
+        prepare.report("keep", f"{root / IMAGES} (exists)")
     elif (snapshot / f"{IMAGES}.zip").is_file():
-        print(f"unzip  {snapshot / f'{IMAGES}.zip'} -> {root}")
+        prepare.report("unzip", f"{snapshot / f'{IMAGES}.zip'} -> {root}")
         with zipfile.ZipFile(snapshot / f"{IMAGES}.zip") as zf:
             zf.extractall(root)
     else:
         raise SystemExit(f"error: neither {IMAGES}/ nor {IMAGES}.zip in {snapshot}")
 
 
+def counts(root: Path, fmt: str, split: str) -> str:
+    """Load one split in one format; its counts as printed after ``ok``."""
+    data = flickr30k.load(root, split=split, fmt=fmt)
+    return f"{fmt:8s} {split:5s} {len(data.image_paths):7d} images {len(data.captions):7d} captions"
+
+
 def validate(root: Path) -> bool:
     """Load every split in every format present and print its counts."""
-    ok = False
-    for fmt, marker in (
-        ("karpathy", "dataset_flickr30k.json"),
-        ("nlphuji", "flickr_annotations_30k.csv"),
-    ):
-        if not (root / marker).exists():
-            continue
-        for split in flickr30k.SPLITS:
-            try:
-                data = flickr30k.load(root, split=split, fmt=fmt)
-            except DatasetLayoutError as exc:
-                print(f"FAIL   {fmt} {split}:\n{exc}")
-                return False
-            print(
-                f"ok     {fmt:8s} {split:5s} {len(data.image_paths):7d} images "
-                f"{len(data.captions):7d} captions"
-            )
-            ok = True
-    if not ok:
-        print(f"FAIL   no dataset_flickr30k.json or flickr_annotations_30k.csv in {root}")
-    return ok
+    loads = [
+        (f"{fmt} {split}", partial(counts, root, fmt, split))
+        for fmt, marker in FORMATS.items()
+        if (root / marker).exists()
+        for split in flickr30k.SPLITS
+    ]
+    if not loads:
+        prepare.report("FAIL", f"no dataset_flickr30k.json or flickr_annotations_30k.csv in {root}")
+        return False
+    return prepare.validate(loads, stop_at_first=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--root", type=Path, required=True, help="dataset root to fill (data.root)")
     parser.add_argument("--nlphuji-snapshot", type=Path, help="local nlphuji/flickr30k snapshot")
     parser.add_argument("--karpathy-json", type=Path, help="Karpathy's dataset_flickr30k.json")
@@ -93,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.nlphuji_snapshot:
         from_snapshot(args.nlphuji_snapshot.expanduser(), args.root)
     if args.karpathy_json:
-        link(args.karpathy_json, args.root / "dataset_flickr30k.json")
+        prepare.link(args.karpathy_json, args.root / FORMATS["karpathy"], resolve=True)
     if args.images:
-        link(args.images, args.root / IMAGES)
+        prepare.link(args.images, args.root / IMAGES, resolve=True)
     return 0 if validate(args.root) else 1
 
 

@@ -19,17 +19,17 @@ Nothing is deleted. Then every variant present is loaded and counted.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 try:
-    from xmodal.data import imagenet
+    from xmodal.data import imagenet, prepare
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from xmodal.data import imagenet
-from xmodal.data.base import DatasetLayoutError
+    from xmodal.data import imagenet, prepare
 
 
 def labels_from_devkit(devkit: Path, files: list[str]) -> dict[str, str]:
@@ -76,34 +76,29 @@ def sort_val(val_images: Path, labels: dict[str, str], out: Path, move: bool) ->
         else:
             dst.symlink_to(src.resolve())
         done += 1
-    print(f"{'move' if move else 'link'}   {done} val images into {out}/<wnid>/")
+    prepare.report("move" if move else "link", f"{done} val images into {out}/<wnid>/")
 
 
-def validate(data_root: Path) -> bool:
-    """Load every variant whose folder exists and print its counts."""
-    ok, found = True, False
+def counts(data_root: Path, variant: str) -> str:
+    """Load one variant; its counts as printed after ``ok``."""
+    data = imagenet.load(data_root, variant)
+    return (
+        f"{variant:15s} {len(data.image_paths):7d} images "
+        f"{len(set(data.labels)):5d} classes present, {len(data.classnames)}-way"
+    )
+
+
+def present(data_root: Path) -> Iterator[tuple[str, Callable[[], str]]]:
+    """``(variant, load)`` for each variant whose folder exists; prints ``skip`` for the others."""
     for variant, spec in imagenet.VARIANTS.items():
-        if not (data_root / spec.folder).is_dir():
-            print(f"skip   {variant:15s} ({data_root / spec.folder} not found)")
-            continue
-        found = True
-        try:
-            data = imagenet.load(data_root, variant)
-        except DatasetLayoutError as exc:
-            print(f"FAIL   {variant}:\n{exc}")
-            ok = False
-            continue
-        print(
-            f"ok     {variant:15s} {len(data.image_paths):7d} images "
-            f"{len(set(data.labels)):5d} classes present, {len(data.classnames)}-way"
-        )
-    return ok and found
+        if (data_root / spec.folder).is_dir():
+            yield variant, partial(counts, data_root, variant)
+        else:
+            prepare.report("skip", f"{variant:15s} ({data_root / spec.folder} not found)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = prepare.argument_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="data root (data.root)")
     parser.add_argument("--val-images", type=Path, help="flat ILSVRC2012 val image folder")
     parser.add_argument("--devkit", type=Path, help="ILSVRC2012_devkit_t12 folder")
@@ -115,13 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.classnames:
-        dst = args.data_root / imagenet.CLASSNAMES
-        if dst.exists() or dst.is_symlink():
-            print(f"keep   {dst} (exists)")
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(args.classnames.expanduser().resolve())
-            print(f"link   {dst}")
+        prepare.link(args.classnames, args.data_root / imagenet.CLASSNAMES, resolve=True)
     if args.val_images:
         files = sorted(p.name for p in args.val_images.iterdir() if p.is_file())
         if args.devkit:
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: --val-images needs --devkit or --val-labels")
         out = args.data_root / imagenet.VARIANTS["imagenet"].folder
         sort_val(args.val_images.expanduser().resolve(), labels, out, args.move)
-    return 0 if validate(args.data_root) else 1
+    return 0 if prepare.validate(present(args.data_root)) else 1
 
 
 if __name__ == "__main__":
