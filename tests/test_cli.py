@@ -28,8 +28,12 @@ def _cli(entry: str, overrides: list[str], env: dict[str, str]) -> subprocess.Co
 @pytest.fixture(scope="module")
 def pretrained(xmodal_env, shapes_world):
     """Pretrain the tiny CLIP for 2 epochs through `xmodal-train` (exports the backbone)."""
-    overrides = ["experiment=shapes/clip_pretrain", *SMALL, "trainer.max_epochs=2",
-                 "data.batch_size=16"]
+    overrides = [
+        "experiment=shapes/clip_pretrain",
+        *SMALL,
+        "trainer.max_epochs=2",
+        "data.batch_size=16",
+    ]
     _cli("train", overrides, xmodal_env)
     return compose("train", overrides)
 

@@ -1,4 +1,4 @@
-"""Every config in every group composes and instantiates; schemas catch typos; run dirs are stable."""
+"""Every config in every group composes and instantiates; schemas catch typos; stable run dirs."""
 
 from __future__ import annotations
 

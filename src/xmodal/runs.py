@@ -143,4 +143,3 @@ class RunDir:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         info.update(fields)
         atomic_write_json(info_path, info)
-

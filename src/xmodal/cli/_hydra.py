@@ -27,8 +27,10 @@ def refuse_multirun_with_in_process_ddp(cfg: DictConfig) -> None:
     in its child processes; only an external launcher (SLURM, torchrun) may start the ranks."""
     trainer = cfg.trainer
     devices = trainer.devices
-    many = (isinstance(devices, int) and devices > 1) or devices in ("-1", -1) or (
-        trainer.num_nodes > 1
+    many = (
+        (isinstance(devices, int) and devices > 1)
+        or devices in ("-1", -1)
+        or (trainer.num_nodes > 1)
     )
     if many and not any(v in os.environ for v in EXTERNAL_LAUNCHER_ENV):
         raise RuntimeError(
@@ -64,7 +66,9 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
         except Exception:
             if not multirun:
                 raise
-            log.exception("job %s failed; the sweep continues (re-run it to redo failed jobs)",
-                          hydra_cfg.job.num)
+            log.exception(
+                "job %s failed; the sweep continues (re-run it to redo failed jobs)",
+                hydra_cfg.job.num,
+            )
 
     return _main

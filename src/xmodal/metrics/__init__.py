@@ -3,6 +3,19 @@
 One re-export per line (``name as name`` marks it public), one block per module.
 """
 
+from xmodal.metrics.calibration import binned_recall as binned_recall
+from xmodal.metrics.calibration import calibration_scores as calibration_scores
+from xmodal.metrics.calibration import confidence_aurc as confidence_aurc
+from xmodal.metrics.calibration import confidence_auroc as confidence_auroc
+from xmodal.metrics.calibration import confidence_bins as confidence_bins
+from xmodal.metrics.calibration import confidence_ece as confidence_ece
+from xmodal.metrics.calibration import rejection_area as rejection_area
+from xmodal.metrics.calibration import rejection_curve as rejection_curve
+from xmodal.metrics.classification import entropy as entropy
+from xmodal.metrics.classification import entropy_confidence as entropy_confidence
+from xmodal.metrics.classification import mean_per_class_recall as mean_per_class_recall
+from xmodal.metrics.classification import top1_accuracy as top1_accuracy
+from xmodal.metrics.classification import topk_accuracy as topk_accuracy
 from xmodal.metrics.retrieval import RetrievalRecallMetric as RetrievalRecallMetric
 from xmodal.metrics.retrieval import cirr_recall as cirr_recall
 from xmodal.metrics.retrieval import cirr_recall_from_embeddings as cirr_recall_from_embeddings

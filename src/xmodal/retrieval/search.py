@@ -460,11 +460,13 @@ class FaissIndex:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | Path, nprobe: int | None = None) -> FaissIndex:
-        """Read an index written by :meth:`save` (or by any faiss tool)."""
+    def load(cls, path: str | Path, nprobe: int | None = None, io_flags: int = 0) -> FaissIndex:
+        """Read an index written by :meth:`save` (or by any faiss tool). ``io_flags`` are faiss
+        read flags, e.g. ``faiss.IO_FLAG_MMAP`` to memory-map a large index instead of loading it.
+        """
         import faiss
 
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), io_flags)
         self = cls.__new__(cls)
         self.dim = int(index.d)
         self.index = index

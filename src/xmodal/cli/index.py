@@ -1,0 +1,198 @@
+"""``xmodal-index``: build, inspect and query an external image-text index (clip-retrieval layout).
+
+    xmodal-index build --source data/shapes/pool --folder outputs/indices/pool \\
+        backbone=tiny_clip_shapes
+    xmodal-index build --source '/data/cc3m/{00000..00331}.tar' --folder /data/cc3m/index \\
+        backbone=openclip_vit_b_32_openai trainer=gpu
+    xmodal-index index --embeddings /data/laion400m/embeddings --folder /data/laion400m/index
+    xmodal-index info /data/laion400m/index
+    xmodal-index search /data/laion400m/index query.jpg -k 10 backbone=openclip_vit_b_32_openai
+
+``build`` encodes a collection (parquet/csv of image paths + captions, webdataset shards, or a
+folder holding either) and indexes it; ``index`` indexes an existing clip-retrieval embedding
+dump (``img_emb/*.npy`` + ``metadata/*.parquet``, e.g. LAION-400M's released ViT-B/32
+embeddings); ``info`` prints what an index holds; ``search`` prints the captions of the nearest
+images of query images. Trailing ``key=value`` arguments are Hydra overrides of ``eval.yaml``
+that choose the encoder (``backbone=...``) and the trainer (``trainer=gpu``; for several GPUs
+``trainer=ddp trainer.devices=8``, or launch under ``torchrun`` and each process joins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from xmodal.data.base import DatasetLayoutError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmodal-index",
+        description=__doc__.split("\n\n")[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="encode a collection and index it")
+    build.add_argument("--source", required=True, help="parquet/csv file, folder or tar shards")
+    build.add_argument("--folder", required=True, help="the index folder to write")
+    build.add_argument("--factory", default="auto", help="faiss factory (auto: Flat, or IVF-PQ)")
+    build.add_argument("--partition-size", type=int, default=1_000_000)
+    build.add_argument("--text", action="store_true", help="also write text_emb/ and text.index")
+    build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--num-workers", type=int, default=4)
+    build.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip")
+    index = sub.add_parser("index", help="index an existing img_emb/ dump (clip-retrieval)")
+    index.add_argument("--embeddings", required=True, help="folder with img_emb/ and metadata/")
+    index.add_argument("--folder", help="the index folder (default: the embeddings folder)")
+    index.add_argument("--factory", default="auto")
+    index.add_argument("--train-size", type=int, default=None)
+    index.add_argument("--text", action="store_true", help="also index text_emb/ (text.index)")
+    info = sub.add_parser("info", help="print what an index holds")
+    info.add_argument("folder")
+    search = sub.add_parser("search", help="captions of the nearest images of query images")
+    search.add_argument("folder")
+    search.add_argument("images", nargs="+")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--nprobe", type=int, default=None)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse options; trailing ``key=value`` words become ``args.overrides`` (Hydra)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "search":  # `images` is greedy: take the overrides back out of it
+        extra += [i for i in args.images if "=" in i and not Path(i).exists()]
+        args.images = [i for i in args.images if i not in extra]
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
+    args.overrides = extra
+    return args
+
+
+def _compose(overrides: Sequence[str]):
+    """The run config of ``eval.yaml`` with the overrides; seeds everything with its ``seed`` so
+    a random-init test backbone is the same model in ``build`` and ``search``."""
+    import lightning.pytorch as pl
+
+    from xmodal.config import compose
+
+    cfg = compose("eval", list(overrides))
+    pl.seed_everything(cfg.seed, verbose=False)
+    return cfg
+
+
+def cmd_build(args: argparse.Namespace) -> dict:
+    from xmodal import backbones
+    from xmodal.pipeline import build_trainer
+    from xmodal.retrieval import clip_index
+
+    cfg = _compose(args.overrides)
+    collection = clip_index.read_collection(args.source)
+    model, preprocess, tokenizer = backbones.build(cfg.backbone)
+    trainer = build_trainer(cfg, training=False)
+    encode_fn = clip_index.trainer_encode_fn(
+        trainer,
+        model,
+        preprocess,
+        tokenizer,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        on_corrupt=args.on_corrupt,
+    )
+    encoder = {"name": cfg.backbone.name, "identity": backbones.identity(cfg.backbone)}
+    info = clip_index.build(
+        args.folder,
+        collection,
+        encode_fn,
+        encoder,
+        factory=args.factory,
+        partition_size=args.partition_size,
+        text=args.text,
+        is_writer=trainer.global_rank == 0,
+    )
+    if trainer.global_rank == 0:
+        print(f"{args.folder}: {info['items']} items, {info['image_index']} index")
+    return info
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from xmodal.retrieval import clip_index
+
+    folder = Path(args.folder or args.embeddings)
+    for kind in ("image", "text") if args.text else ("image",):
+        factory = clip_index.index_embeddings(
+            folder,
+            embeddings=args.embeddings,
+            kind=kind,
+            factory=args.factory,
+            train_size=args.train_size,
+        )
+        print(f"{folder}/{kind}.index: {factory}")
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    import pyarrow.parquet as pq
+
+    from xmodal.retrieval.clip_index import ClipIndex
+
+    index = ClipIndex(args.folder, mmap=True)
+    out = {
+        "folder": str(index.folder),
+        "items": len(index),
+        "dim": index.dim,
+        "faiss": type(index.index.index).__name__,
+        "partitions": len(index.partitions),
+        "columns": pq.ParquetFile(index.partitions[0]).schema_arrow.names,
+        "xmodal": index.info,
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> list[list[tuple[float, str]]]:
+    import torch
+    import torch.nn.functional as F
+
+    from xmodal import backbones
+    from xmodal.data.images import open_image
+    from xmodal.retrieval.clip_index import ClipIndex
+
+    cfg = _compose(args.overrides)
+    model, preprocess, _ = backbones.build(cfg.backbone)
+    index = ClipIndex(args.folder, nprobe=args.nprobe, mmap=True)
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(open_image(p)) for p in args.images])
+        queries = F.normalize(model.encode_image(pixels).float(), dim=-1)
+    scores, ids = index.search(queries, args.k)
+    results = []
+    for image, row_scores, captions in zip(args.images, scores, index.column(ids)):
+        print(f"\n{image}")
+        hits = [(float(s), c) for s, c in zip(row_scores.tolist(), captions) if c is not None]
+        for rank, (score, caption) in enumerate(hits, 1):
+            print(f"  {rank:3d}  {score:.4f}  {caption}")
+        results.append(hits)
+    return results
+
+
+COMMANDS = {"build": cmd_build, "index": cmd_index, "info": cmd_info, "search": cmd_search}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``xmodal-index`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except DatasetLayoutError as err:
+        print(f"\nxmodal-index: {err}\n", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,953 @@
+"""``method=hug``: Heterogeneous Uncertainty-Guided composed image retrieval (AAAI 2026).
+
+A query (reference image x_r, modification text x_t) and a target image x_c are each K diagonal
+Gaussians, one per learnable query token of a BLIP-2 Q-Former (methods/hug.md):
+
+- means: mu_q = h(x_LQ, x_t, x_r) (eq 2, joint query+text pass, cross-attention to x_r) and
+  mu_c = h(x_LQ, ∅, x_c) (eq 3, image-only pass); the ViT is frozen, the Q-Former trains;
+- variances from three 1-layer transformer estimators: g_V (shared by reference and target,
+  eqs 4 and 6), g_T on the text-only pass (eq 7), g_M on mu_q (eq 8); the query variance fuses
+  the three with static or dynamic weights (eqs 10-11);
+- distance: the expected squared distance of the Gaussians (eqs 14-15,
+  :func:`xmodal.probabilistic.expected_distance`), used for training and ranking;
+- loss (eq 17): holistic sigmoid contrast (eq 13) + lambda_FC x fine-grained variance contrast
+  (eq 16) + lambda_Cord x coordination ranking loss (eq 9).
+
+``variant=official`` reproduces the released code (tanghme0w/AAAI26-HUG @a80270c; hug.md §8):
+frozen Q-Former, fixed a=1, b=0, one-directional saturating -log(S(x)+1e-8) holistic term,
+InfoNCE on the variance directions at tau=0.07, hinge coordination loss with margin 0.2 and a
+random permutation of the texts, CLS-broadcast text variance, AdamW eps 1e-8. Table 3's ablation
+rows are flags (``prob``, ``granularity``, ``fc_neg``, ``use_sigma_m``, ``lambda_cord``,
+``fusion``); see ``conf/experiment/hug/ablation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from xmodal.methods.clip_pretrain import gather_with_grad
+from xmodal.probabilistic import expected_distance
+
+if TYPE_CHECKING:
+    from xmodal.data.hug_data import EvalBlock
+
+log = logging.getLogger("xmodal")
+
+VARIANTS = ("paper", "official")
+TEXT_PASSES = ("skip", "zero_token", "cls")  # hug.md §2 options (a), (b), (c)
+FC_NEGATIVES = ("component", "instance", "modality")
+FIQ_KS = (10, 50)
+CIRR_KS = (1, 5, 10, 50)
+CIRR_SUBSET_KS = (1, 2, 3)
+
+
+@dataclass
+class HUGConfig:
+    """``method=hug`` (methods/hug.md). The defaults are the paper's full model (Table 3 row 7)."""
+
+    _target_: str = "xmodal.methods.hug.HUG"
+    variant: str = "paper"  # paper | official (the released code, hug.md §8)
+    # -- model
+    text_pass: str | None = None  # skip | zero_token | cls; null: skip (paper), cls (official)
+    estimator_heads: int = 4
+    estimator_dropout: float = 0.1
+    # -- Table 3 ablation flags
+    prob: bool = True  # false: row 0, deterministic InfoNCE on mean-pooled normalised tokens
+    granularity: str = "fine"  # fine | global (row 1: one Gaussian per item, GPO-pooled sigma)
+    fc_neg: list[str] = field(default_factory=lambda: list(FC_NEGATIVES))  # eq 16 negatives
+    use_sigma_m: bool = True  # false: sigma_q^2 = mean(sigma_r^2, sigma_t^2) (rows 0-4)
+    fusion: str = "dynamic"  # dynamic (eqs 10-11) | static (mean over the sources)
+    # -- losses
+    lambda_fc: float = 0.5
+    lambda_cord: float = 0.1
+    hc_neg_scale: str = "batch"  # batch: B * mean over the B-1 negatives | sum: their sum
+    fc_on: str = "std"  # the vectors contrasted in eq 16: std (sigma) | var (sigma^2)
+    mismatch: str | None = None  # roll | randperm (texts of other triplets for eq 9); null: variant
+    point_temperature: float = 0.07  # row 0 InfoNCE
+    official_fc_temperature: float = 0.07
+    official_cord_margin: float = 0.2
+    # -- optimisation (hug.md §4)
+    lr: float = 3e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float | None = None  # null: 1e-7 (paper), 1e-8 (official)
+    weight_decay: float = 0.01
+    eta_min: float = 1e-6  # CosineAnnealingLR per epoch, T_max = trainer.max_epochs
+    grad_clip: float | None = 1.0  # gradient norm clipping
+    augment: bool = True  # flip + colour jitter on training images (the released code's)
+    max_words: int = 50  # blip_caption truncation
+    # -- evaluation
+    chunk_size: int = 256  # queries per ranking chunk
+    export_uncertainty: bool = True  # per-query uncertainties of the test split to the run dir
+    monitor: str = "val/avg"  # FashionIQ (R@10+R@50)/2 averaged over categories; CIRR (R@5+Rs@1)/2
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty fusion (eqs 10-11)
+# ----------------------------------------------------------------------------------------------
+
+
+def fusion_weights(
+    sigma_r: Tensor, sigma_t: Tensor, sigma_m: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq 11: w_x = exp(-sigma_x^2) / sum_x' exp(-sigma_x'^2), element-wise (eps in the sum)."""
+    unnorm = [torch.exp(-s.pow(2)) for s in (sigma_r, sigma_t, sigma_m)]
+    total = unnorm[0] + unnorm[1] + unnorm[2] + eps
+    return unnorm[0] / total, unnorm[1] / total, unnorm[2] / total
+
+
+def fuse_uncertainty(
+    sigma_r: Tensor,
+    sigma_t: Tensor,
+    sigma_m: Tensor | None,
+    mode: str = "dynamic",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Query standard deviation from the reference, text and multi-modal ones (all [B, K, D]).
+
+    ``dynamic`` (eqs 10-11): sigma_q^2 = sum_x w_x sigma_x^2 with the weights of
+    :func:`fusion_weights`; ``static``: sigma_q^2 = mean of the sigma_x^2 (``sigma_m=None`` averages
+    the two uni-modal ones, Table 3 rows 2-4). Returns sqrt(sigma_q^2 + eps); eps = 1e-6 as in the
+    released code keeps the square root differentiable.
+    """
+    if mode == "dynamic":
+        if sigma_m is None:
+            raise ValueError("dynamic fusion needs sigma_m (set use_sigma_m=true or fusion=static)")
+        weights = fusion_weights(sigma_r, sigma_t, sigma_m, eps)
+        var = sum(w * s.pow(2) for w, s in zip(weights, (sigma_r, sigma_t, sigma_m)))
+    elif mode == "static":
+        sources = [s for s in (sigma_r, sigma_t, sigma_m) if s is not None]
+        var = sum(s.pow(2) for s in sources) / len(sources)
+    else:
+        raise ValueError(f"fusion mode must be 'dynamic' or 'static', got {mode!r}")
+    return torch.sqrt(var + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses, paper (eqs 9, 13, 16) and released code (hug.md §8)
+# ----------------------------------------------------------------------------------------------
+
+
+def holistic_contrast(
+    distance: Tensor, a: Tensor | float = 1.0, b: Tensor | float = 0.0, neg_scale: str = "batch"
+) -> Tensor:
+    """Eq 13, sigmoid contrast on the expected distances d_ij = d(z_q^i, z_c^j) [B, B].
+
+    Per anchor i: -log S(-a d_ii - b) - B mean_{j!=i} log S(a d_ij + b) - B mean_{j!=i}
+    log S(a d_ji + b), averaged over i (``neg_scale="sum"``: plain sums over j != i). Computed with
+    log-sigmoid, so it stays finite and keeps its gradient at any distance.
+    """
+    n = distance.shape[0]
+    if distance.ndim != 2 or distance.shape[1] != n or n < 2:
+        raise ValueError(
+            f"holistic_contrast needs a square [B, B] matrix, B >= 2; got {distance.shape}"
+        )
+    logits = a * distance + b
+    eye = torch.eye(n, dtype=torch.bool, device=distance.device)
+    positive = -F.logsigmoid(-logits.diagonal())
+    negative = -F.logsigmoid(logits).masked_fill(eye, 0.0)
+    scale = {"batch": n / (n - 1), "sum": 1.0}[neg_scale]
+    return (positive + scale * (negative.sum(1) + negative.sum(0))).mean()
+
+
+def _pairwise_sq(x: Tensor, y: Tensor) -> Tensor:
+    """||x_p - y_r||^2 for x [P, D], y [R, D] -> [P, R] (no sqrt: smooth gradient at 0)."""
+    return (x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * x @ y.T).clamp_min(0)
+
+
+def fine_grained_contrast(
+    sigma_q: Tensor,
+    sigma_c: Tensor,
+    a: Tensor | float = 1.0,
+    b: Tensor | float = 0.0,
+    negatives: Sequence[str] = FC_NEGATIVES,
+    on: str = "std",
+) -> Tensor:
+    """Eq 16, repulsive contrast between fine-grained uncertainty vectors ([B, K, D] each).
+
+    For every anchor sigma_M^{k,i} (side M in {q, c}), each enabled negative type adds the mean of
+    -log S(a ||sigma_M^{k,i} - sigma_M'^{k',j}||^2 + b) over its set, always with k' != k:
+    ``component`` M'=M, j=i; ``instance`` M'=M, j!=i; ``modality`` M'!=M, any j. Summed over M and
+    k, averaged over i. ``on="var"`` contrasts sigma^2 instead of sigma.
+    """
+    bad = set(negatives) - set(FC_NEGATIVES)
+    if bad:
+        raise ValueError(f"unknown fine-grained negatives {sorted(bad)}; use {FC_NEGATIVES}")
+    if on not in ("std", "var"):
+        raise ValueError(f"fc_on must be 'std' or 'var', got {on!r}")
+    n, k, _ = sigma_q.shape
+    if k < 2 and negatives:
+        raise ValueError("the fine-grained contrast needs K >= 2 components (k' != k)")
+    vq, vc = (s.pow(2) if on == "var" else s for s in (sigma_q, sigma_c))
+    same_inst = torch.eye(n, dtype=torch.bool, device=vq.device)[:, None, :, None]
+    other_comp = ~torch.eye(k, dtype=torch.bool, device=vq.device)[None, :, None, :]
+    masks = {  # [B, K, B, K] over (i, k, j, k')
+        "component": same_inst & other_comp,
+        "instance": ~same_inst & other_comp,
+        "modality": other_comp.expand(n, k, n, k),
+    }
+    loss = vq.new_zeros(())
+    for anchor, other in ((vq, vc), (vc, vq)):
+        flat = anchor.reshape(n * k, -1)
+        for kind in negatives:
+            partner = other if kind == "modality" else anchor
+            dist = _pairwise_sq(flat, partner.reshape(n * k, -1)).view(n, k, n, k)
+            terms = -F.logsigmoid(a * dist + b)
+            mask = masks[kind]
+            loss = loss + ((terms * mask).sum((2, 3)) / mask.sum((2, 3))).sum(1).mean()
+    return loss
+
+
+def coordination_loss(sigma_m_matched: Tensor, sigma_m_mismatched: Tensor) -> Tensor:
+    """Eq 9 with the sign the text intends: -E log S(mean sigma_m^2(x_r, x'_t) - mean
+    sigma_m^2(x_r, x_t)), so a mismatched text gets the higher coordination uncertainty."""
+    matched = sigma_m_matched.pow(2).flatten(1).mean(1)
+    mismatched = sigma_m_mismatched.pow(2).flatten(1).mean(1)
+    return -F.logsigmoid(mismatched - matched).mean()
+
+
+def official_holistic_contrast(distance: Tensor, a: float = 1.0, b: float = 0.0) -> Tensor:
+    """Released code's eq 13: -log(S(-a d_ii - b) + 1e-8) - sum_{j!=i} log(S(a d_ij + b) + 1e-8),
+    queries to targets only, summed and divided by B. Saturates at 18.42 per positive."""
+    n = distance.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=distance.device)
+    positive = -torch.log(torch.sigmoid(-a * distance.diagonal() - b) + 1e-8)
+    negative = -torch.log(torch.sigmoid(a * distance + b) + 1e-8).masked_fill(eye, 0.0)
+    return (positive.sum() + negative.sum()) / n
+
+
+def official_fine_grained_contrast(
+    sigma_q: Tensor, sigma_c: Tensor, temperature: float = 0.07
+) -> Tensor:
+    """Released code's L_FC: InfoNCE on the cosine of the std vectors (hug.md §8.3).
+
+    Per (i, k): anchor sigma_q^{k,i}, positive sigma_c^{k,i}, negatives the other 2K-2 components
+    of instance i on both sides; plus per k an in-batch InfoNCE (query k of i vs target k of j).
+    The sum is divided by B*K + K.
+    """
+    n, k, _ = sigma_q.shape
+    q, c = F.normalize(sigma_q, dim=-1), F.normalize(sigma_c, dim=-1)
+    sim_qc = torch.einsum("ikd,ild->ikl", q, c) / temperature  # [B, K, K]
+    sim_qq = torch.einsum("ikd,ild->ikl", q, q) / temperature
+    self_mask = torch.eye(k, dtype=torch.bool, device=q.device)
+    logits = torch.cat([sim_qc, sim_qq.masked_fill(self_mask, float("-inf"))], dim=-1)
+    component = (torch.logsumexp(logits, -1) - sim_qc.diagonal(dim1=1, dim2=2)).sum()
+    sim_batch = torch.einsum("ikd,jkd->kij", q, c) / temperature  # [K, B, B]
+    labels = torch.arange(n, device=q.device).repeat(k)
+    instance = F.cross_entropy(sim_batch.reshape(k * n, n), labels, reduction="none")
+    return (component + instance.view(k, n).mean(1).sum()) / (n * k + k)
+
+
+def official_coordination_loss(
+    sigma_m_matched: Tensor, sigma_m_mismatched: Tensor, margin: float = 0.2
+) -> Tensor:
+    """Released code's L_Cord: mean(relu(margin + sum sigma_m,match^2 - sum sigma_m,mismatch^2))."""
+    matched = sigma_m_matched.pow(2).flatten(1).sum(1)
+    mismatched = sigma_m_mismatched.pow(2).flatten(1).sum(1)
+    return torch.clamp(margin + matched - mismatched, min=0).mean()
+
+
+def info_nce(mu_q: Tensor, mu_c: Tensor, temperature: float = 0.07) -> Tensor:
+    """Table 3 row 0 (point matching): InfoNCE of L2-normalised embeddings, query -> target."""
+    q, c = F.normalize(mu_q.flatten(1), dim=-1), F.normalize(mu_c.flatten(1), dim=-1)
+    labels = torch.arange(len(q), device=q.device)
+    return F.cross_entropy(q @ c.T / temperature, labels)
+
+
+def hug_loss(
+    mu_q: Tensor,
+    sigma_q: Tensor,
+    mu_c: Tensor,
+    sigma_c: Tensor,
+    sigma_m_matched: Tensor | None,
+    sigma_m_mismatched: Tensor | None,
+    variant: str = "paper",
+    lambda_fc: float = 0.5,
+    lambda_cord: float = 0.1,
+    *,
+    a: Tensor | float = 1.0,
+    b: Tensor | float = 0.0,
+    a_fc: Tensor | float = 1.0,
+    b_fc: Tensor | float = 0.0,
+    fc_neg: Sequence[str] = FC_NEGATIVES,
+    fc_on: str = "std",
+    hc_neg_scale: str = "batch",
+    fc_temperature: float = 0.07,
+    cord_margin: float = 0.2,
+) -> dict[str, Tensor]:
+    """Eq 17: L = L_HC + lambda_FC L_FC + lambda_Cord L_Cord; returns ``total``, ``hc``, ``fc``,
+    ``cord``.
+
+    Means and standard deviations are [B, K, D]. ``variant="official"`` uses the released code's
+    three losses (a, b fixed at 1, 0; ``fc_neg``/``fc_on``/``hc_neg_scale`` do not apply). With
+    ``sigma_m_*=None`` or ``lambda_cord=0`` the coordination term is 0; with ``fc_neg=[]`` or
+    ``lambda_fc=0`` the fine-grained term is 0.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    for name, x in (("sigma_q", sigma_q), ("mu_c", mu_c), ("sigma_c", sigma_c)):
+        if x.shape != mu_q.shape:
+            raise ValueError(f"{name} {tuple(x.shape)} must have mu_q's shape {tuple(mu_q.shape)}")
+    official = variant == "official"
+    zero = mu_q.new_zeros(())
+    d = expected_distance(mu_q, sigma_q, mu_c, sigma_c)  # eqs 14-15
+    hc = official_holistic_contrast(d) if official else holistic_contrast(d, a, b, hc_neg_scale)
+    fc = zero  # eq 16
+    if lambda_fc and (official or fc_neg):
+        fc = (
+            official_fine_grained_contrast(sigma_q, sigma_c, fc_temperature)
+            if official
+            else fine_grained_contrast(sigma_q, sigma_c, a_fc, b_fc, fc_neg, fc_on)
+        )
+    cord = zero  # eq 9
+    if lambda_cord and sigma_m_matched is not None and sigma_m_mismatched is not None:
+        cord = (
+            official_coordination_loss(sigma_m_matched, sigma_m_mismatched, cord_margin)
+            if official
+            else coordination_loss(sigma_m_matched, sigma_m_mismatched)
+        )
+    total = hc + lambda_fc * fc + lambda_cord * cord  # eq 17
+    return {"total": total, "hc": hc, "fc": fc, "cord": cord}
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class UncertaintyEstimator(nn.Module):
+    """g_V / g_T / g_M: one post-LN transformer encoder layer, then Linear-GELU-Dropout-Linear-
+    Softplus; maps Q-Former outputs [B, K, H] to standard deviations [B, K, H] (hug.md §2)."""
+
+    def __init__(self, hidden: int, num_heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.transformer_layer = nn.TransformerEncoderLayer(
+            d_model=hidden,
+            nhead=num_heads,
+            dim_feedforward=4 * hidden,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+        )
+        self.uncertainty_head = nn.Sequential(
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.Softplus(),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.uncertainty_head(self.transformer_layer(features))
+
+
+class GPO(nn.Module):
+    """Generalised pooling (Chen et al. 2021, VSE-infinity) over the K components, per dimension:
+    the values sorted in descending order, weighted by a softmax over positions that a small
+    bidirectional GRU computes from sinusoidal position codes. [B, K, D] -> [B, D]."""
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32) -> None:
+        super().__init__()
+        self.d_pe = d_pe
+        self.gru = nn.GRU(d_pe, d_hidden, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+
+    def weights(self, k: int) -> Tensor:
+        """Pooling weights of the K sorted positions: [K]."""
+        pos = torch.arange(k, dtype=torch.float32, device=self.linear.weight.device)[:, None]
+        freq = torch.exp(
+            torch.arange(0, self.d_pe, 2, device=pos.device) * (-math.log(10000.0) / self.d_pe)
+        )
+        pe = torch.zeros(k, self.d_pe, device=pos.device)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        out, _ = self.gru(pe[None])
+        half = out.shape[-1] // 2
+        scores = self.linear((out[..., :half] + out[..., half:]) / 2)[0, :, 0]
+        return torch.softmax(scores / 0.1, dim=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ordered = x.sort(dim=1, descending=True).values
+        return (ordered * self.weights(x.shape[1])[None, :, None]).sum(1)
+
+
+@dataclass
+class QueryEncoding:
+    """What the query side produces: the (pooled) Gaussian and its fine-grained sources."""
+
+    mu: Tensor
+    sigma: Tensor
+    sigma_r: Tensor | None = None
+    sigma_t: Tensor | None = None
+    sigma_m: Tensor | None = None
+    image_embeds: Tensor | None = None
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"method.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _distance_score(queries: Tensor, gallery: Tensor) -> Tensor:
+    """Ranking score of packed Gaussians [n, 2, F] (mean, std): the expected distance (eq 15)."""
+    return expected_distance(queries[:, 0], queries[:, 1], gallery[:, 0], gallery[:, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------
+
+
+class HUG(pl.LightningModule):
+    """HUG on a BLIP-2 backbone (``xmodal.backbones.blip2.Blip2QFormer``); see the module docs."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hp: HUGConfig,
+        run_dir: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config} if config else {})
+        self.hp = self._checked(hp)
+        self.official = hp.variant == "official"
+        self.text_pass = hp.text_pass or ("cls" if self.official else "skip")
+        self.mismatch = hp.mismatch or ("randperm" if self.official else "roll")
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.backbone = backbone
+        # HUG uses the Q-Former's hidden states, not BLIP-2's ITC/ITM heads
+        for head in (backbone.vision_projection, backbone.text_projection, backbone.itm_head):
+            head.requires_grad_(False)
+        if self.official:  # released code: every Q-Former pass runs under no_grad (hug.md §8.1)
+            backbone.requires_grad_(False)
+        hidden = backbone.hidden_size
+        if hp.prob:
+            est = {"num_heads": hp.estimator_heads, "dropout": hp.estimator_dropout}
+            self.g_v = UncertaintyEstimator(hidden, **est)
+            self.g_t = UncertaintyEstimator(hidden, **est)
+            self.g_m = UncertaintyEstimator(hidden, **est) if hp.use_sigma_m else None
+            if not self.official:  # eq 13's a, b and eq 16's a', b' are learnt (init 1, 0)
+                self.hc_a = nn.Parameter(torch.tensor(1.0))
+                self.hc_b = nn.Parameter(torch.tensor(0.0))
+                if hp.fc_neg and hp.lambda_fc:
+                    self.fc_a = nn.Parameter(torch.tensor(1.0))
+                    self.fc_b = nn.Parameter(torch.tensor(0.0))
+        if hp.granularity == "global":
+            self.gpo_q, self.gpo_c = GPO(), GPO()
+        self._outputs: dict[str, list[dict[str, Tensor]]] = {}
+        self._query_seconds, self._local_queries = 0.0, 0
+        self.extra_metrics: dict[str, Any] = {}
+
+    @staticmethod
+    def _checked(hp: HUGConfig) -> HUGConfig:
+        _check_choice("variant", hp.variant, VARIANTS)
+        _check_choice("text_pass", hp.text_pass, (None, *TEXT_PASSES))
+        _check_choice("granularity", hp.granularity, ("fine", "global"))
+        _check_choice("fusion", hp.fusion, ("dynamic", "static"))
+        _check_choice("fc_on", hp.fc_on, ("std", "var"))
+        _check_choice("hc_neg_scale", hp.hc_neg_scale, ("batch", "sum"))
+        _check_choice("mismatch", hp.mismatch, (None, "roll", "randperm"))
+        for kind in hp.fc_neg:
+            _check_choice("fc_neg[]", kind, FC_NEGATIVES)
+        if hp.granularity == "global" and hp.fc_neg:
+            raise ValueError("granularity=global has one component per item: set fc_neg=[]")
+        if hp.fusion == "dynamic" and not hp.use_sigma_m:
+            raise ValueError("fusion=dynamic weighs sigma_r, sigma_t and sigma_m: set use_sigma_m")
+        if hp.variant == "official" and not (
+            hp.prob and hp.granularity == "fine" and hp.use_sigma_m and hp.fusion == "dynamic"
+        ):
+            raise ValueError(
+                "variant=official is the released full model; the ablation flags (prob, "
+                "granularity, use_sigma_m, fusion) apply to variant=paper"
+            )
+        return hp
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> tuple[HUG, Any]:
+        """The module and its datamodule (``xmodal.data.hug_data.HUGDataModule``) of a run."""
+        from xmodal import backbones
+        from xmodal.backbones.blip2 import Blip2QFormer
+        from xmodal.data.hug_data import HUGDataModule, train_transform
+
+        model, preprocess, tokenizer = backbones.build(cfg.backbone)
+        if not isinstance(model, Blip2QFormer):
+            raise TypeError(
+                f"method=hug needs a BLIP-2 Q-Former backbone (backbone=blip2_qformer or "
+                f"tiny_blip2), got backbone={cfg.backbone.name} of kind {cfg.backbone.kind}"
+            )
+        model.train()  # the factory returns eval-mode models; the ViT stays in eval mode
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        hp = HUGConfig(**{f.name: method[f.name] for f in fields(HUGConfig) if f.name in method})
+        module = cls(
+            model,
+            hp,
+            run_dir=cfg.run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        pre = model.preprocess_cfg
+        train_tf = train_transform(pre["size"], pre["mean"], pre["std"]) if hp.augment else None
+        datamodule = HUGDataModule(
+            cfg.data, preprocess, train_tf or preprocess, tokenizer, hp.max_words, cfg.seed
+        )
+        return module, datamodule
+
+    # -- encoders (eqs 2-8, 10-11) -----------------------------------------------------------
+    def _qformer(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad() if self.official else contextlib.nullcontext()
+
+    def _image_embeds(self, pixels: Tensor) -> Tensor:
+        with torch.no_grad():  # the ViT is frozen
+            return self.backbone.image_embeds(pixels).to(self.backbone.query_tokens.dtype)
+
+    def _text_only(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """h(x_LQ, x_t, ∅) [B, K, H] under ``text_pass`` (hug.md §2, options a/b/c)."""
+        bb = self.backbone
+        if self.text_pass == "skip":  # (a) the cross-attention sub-blocks are skipped
+            return bb.query_text_image(ids, mask, None)
+        if self.text_pass == "zero_token":  # (b) one all-zero visual token
+            zero = ids.new_zeros((len(ids), 1, bb.config.vision_config.hidden_size))
+            return bb.query_text_image(ids, mask, zero.to(bb.query_tokens.dtype))
+        cls_state = bb.text(ids, mask)[:, :1]  # (c) text-only BERT pass, [CLS] broadcast to K
+        return cls_state.expand(-1, bb.num_query_tokens, -1)
+
+    def _pool(self, mu: Tensor, sigma: Tensor | None, gpo: nn.Module | None) -> tuple[Tensor, ...]:
+        """The matched Gaussian: fine [B, K, D]; global (row 1) or point (row 0) [B, 1, D]."""
+        if not self.hp.prob:
+            mu = F.normalize(mu.mean(1), dim=-1)[:, None]
+            return mu, torch.zeros_like(mu)
+        if self.hp.granularity == "global":
+            return mu.mean(1, keepdim=True), gpo(sigma)[:, None]
+        return mu, sigma
+
+    def encode_target(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu_c, sigma_c) of target images."""
+        with self._qformer():
+            mu_c = self.backbone.query_image(self._image_embeds(pixels))  # eq 3
+        sigma_c = self.g_v(mu_c) if self.hp.prob else None  # eq 4
+        return self._pool(mu_c, sigma_c, getattr(self, "gpo_c", None))
+
+    def encode_query(self, pixels: Tensor, tokens: dict[str, Tensor]) -> QueryEncoding:
+        """mu_q, sigma_q of (reference, text) queries and the three uncertainty sources."""
+        bb = self.backbone
+        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        v = self._image_embeds(pixels)
+        with self._qformer():
+            mu_q = bb.query_text_image(ids, mask, v)  # eq 2
+            if self.hp.prob:
+                h_r, h_t = bb.query_image(v), self._text_only(ids, mask)
+        if not self.hp.prob:
+            return QueryEncoding(*self._pool(mu_q, None, None), image_embeds=v)
+        sigma_r = self.g_v(h_r)  # eq 6
+        sigma_t = self.g_t(h_t)  # eq 7
+        sigma_m = self.g_m(mu_q) if self.g_m is not None else None  # eq 8
+        sigma_q = fuse_uncertainty(sigma_r, sigma_t, sigma_m, self.hp.fusion)  # eqs 10-11
+        mu, sigma = self._pool(mu_q, sigma_q, getattr(self, "gpo_q", None))
+        return QueryEncoding(mu, sigma, sigma_r, sigma_t, sigma_m, v)
+
+    def mismatched_sigma_m(self, image_embeds: Tensor, tokens: dict[str, Tensor]) -> Tensor:
+        """sigma_m(x_r, x'_t) with x'_t the text of another triplet in the batch (eq 9)."""
+        n = len(image_embeds)
+        perm = (
+            torch.randperm(n, device=self.device)
+            if self.mismatch == "randperm"
+            else torch.roll(torch.arange(n, device=self.device), 1)  # a derangement
+        )
+        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        with self._qformer():
+            h = self.backbone.query_text_image(ids[perm], mask[perm], image_embeds)
+        return self.g_m(h)
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        hp = self.hp
+        q = self.encode_query(batch["reference"], batch["tokens"])  # eqs 2, 6-8, 10-11
+        mu_c, sigma_c = self.encode_target(batch["target"])  # eqs 3-4
+        if not hp.prob:  # Table 3 row 0: point matching
+            loss = info_nce(gather_with_grad(q.mu), gather_with_grad(mu_c), hp.point_temperature)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        sigma_m_mismatched = None
+        if q.sigma_m is not None and hp.lambda_cord:  # x'_t: a text of this process's batch
+            sigma_m_mismatched = self.mismatched_sigma_m(q.image_embeds, batch["tokens"])
+        learnt = {} if self.official else {"a": self.hc_a, "b": self.hc_b}
+        if hasattr(self, "fc_a"):
+            learnt.update(a_fc=self.fc_a, b_fc=self.fc_b)
+        # the losses of the global batch: in-batch negatives span every process (DDP-exact)
+        mu_q, sigma_q, mu_c, sigma_c, sigma_m, sigma_m_mismatched = (
+            gather_with_grad(x) if x is not None else None
+            for x in (q.mu, q.sigma, mu_c, sigma_c, q.sigma_m, sigma_m_mismatched)
+        )
+        losses = hug_loss(  # eqs 9, 13-17
+            mu_q,
+            sigma_q,
+            mu_c,
+            sigma_c,
+            sigma_m,
+            sigma_m_mismatched,
+            variant=hp.variant,
+            lambda_fc=hp.lambda_fc,
+            lambda_cord=hp.lambda_cord,
+            fc_neg=hp.fc_neg,
+            fc_on=hp.fc_on,
+            hc_neg_scale=hp.hc_neg_scale,
+            fc_temperature=hp.official_fc_temperature,
+            cord_margin=hp.official_cord_margin,
+            **learnt,
+        )
+        for key, value in losses.items():
+            self.log(f"train/{'loss' if key == 'total' else key}", value, prog_bar=key == "total")
+        return losses["total"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hp
+        eps = hp.adam_eps if hp.adam_eps is not None else (1e-8 if self.official else 1e-7)
+        opt = torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=eps,
+            weight_decay=hp.weight_decay,
+        )
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=hp.eta_min)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradient norm at ``method.grad_clip`` (trainer.gradient_clip_val wins)."""
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hp.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, clip, gradient_clip_algorithm or "norm")
+
+    # -- checkpoints: the frozen ViT comes from the backbone config, not the checkpoint ---------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("backbone.vision_model.")]:
+            del state[key]
+
+    def load_state_dict(
+        self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load a state dict whose frozen ViT was left out (HUG checkpoints, ``load_run``): the
+        ViT weights come from the backbone factory, everything else must match (strict)."""
+        state = dict(state_dict)
+        vit = self.backbone.vision_model.state_dict(prefix="backbone.vision_model.")
+        for key, value in vit.items():
+            state.setdefault(key, value)
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    # -- evaluation: encode gallery and queries, then rank by the expected distance ------------
+    def on_validation_epoch_start(self) -> None:
+        self._outputs.clear()
+        self._query_seconds, self._local_queries = 0.0, 0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
+        if dataloader_idx == 0:  # gallery images: cached means and variances
+            idx, pixels, _ = batch
+            mu, sigma = self.encode_target(pixels)
+            self._store("gallery", idx, packed=torch.stack([mu.flatten(1), sigma.flatten(1)], 1))
+            return
+        start = time.perf_counter()
+        q = self.encode_query(batch["reference"], batch["tokens"])
+        if q.mu.is_cuda:
+            torch.cuda.synchronize(q.mu.device)
+        self._query_seconds += time.perf_counter() - start
+        self._local_queries += len(q.mu)
+        sources = [q.sigma, q.sigma_r, q.sigma_t, q.sigma_m]
+        stats = torch.stack(
+            [
+                s.pow(2).flatten(1).mean(1)
+                if s is not None
+                else q.mu.new_full((len(q.mu),), math.nan)
+                for s in sources
+            ],
+            1,
+        )
+        packed = torch.stack([q.mu.flatten(1), q.sigma.flatten(1)], 1)
+        self._store("query", batch["index"], packed=packed, stats=stats)
+
+    def _store(self, kind: str, idx: Tensor, **values: Tensor) -> None:
+        self._outputs.setdefault(kind, []).append(
+            {"idx": idx.to(self.device), **{k: v.float() for k, v in values.items()}}
+        )
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def _gathered(self, kind: str, n: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Outputs of ``kind`` in dataset order on every rank, and which rows were encoded (all,
+        unless ``limit_*_batches`` cut the loader short). DistributedSampler duplicates carry
+        identical values."""
+        parts = self._outputs.get(kind, [])
+        encoded = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if not parts:
+            return {}, encoded
+        idx = torch.cat([p["idx"] for p in parts])
+        values = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "idx"}
+        if self.trainer.world_size > 1:
+            idx = self.all_gather(idx).reshape(-1)
+            values = {k: self.all_gather(v).reshape(-1, *v.shape[1:]) for k, v in values.items()}
+        out = {}
+        for key, value in values.items():
+            out[key] = value.new_zeros((n, *value.shape[1:]))
+            out[key][idx] = value
+        encoded[idx] = True
+        return out, encoded
+
+    def _evaluate(self, stage: str) -> None:
+        """Rank every block's gallery for its queries, log recalls (%) and the time per query."""
+        datamodule = self.trainer.datamodule
+        split_name = datamodule.cfg.val_split if stage == "val" else datamodule.cfg.split
+        blocks = datamodule.eval_blocks(split_name)
+        gallery, g_enc = self._gathered("gallery", sum(b.num_gallery for b in blocks))
+        queries, q_enc = self._gathered("query", sum(b.num_queries for b in blocks))
+        self._outputs.clear()
+        if not gallery or not queries:
+            return
+        metrics: dict[str, float] = {}
+        export: list[dict[str, Any]] = []
+        rank_seconds, ranked = 0.0, 0
+        for block in blocks:
+            view = _BlockView(block, gallery["packed"], g_enc, queries, q_enc)
+            prefix = f"{stage}/{block.key}/" if block.key else f"{stage}/"
+            self.extra_metrics[f"{prefix}queries"] = int(view.keep.sum())
+            self.extra_metrics[f"{prefix}gallery"] = len(view.gallery)
+            self.extra_metrics[f"{prefix}protocol"] = block.split.protocol
+            if len(view.gallery) < block.num_gallery or len(view.queries) < block.num_queries:
+                log.warning(
+                    f"{stage} {block.split.name}: evaluating {len(view.queries)} of "
+                    f"{block.num_queries} queries on {len(view.gallery)} of {block.num_gallery} "
+                    f"gallery images (loaders cut short by limit_{stage}_batches)"
+                )
+            if view.target is None:  # CIRR test1: labels withheld, write the server files
+                if stage == "test":
+                    self._write_submission(view)
+                continue
+            if not len(view.queries):
+                continue
+            start = time.perf_counter()
+            ranks = view.ranks(self.hp.chunk_size)
+            rank_seconds, ranked = rank_seconds + time.perf_counter() - start, ranked + len(ranks)
+            metrics.update(view.recalls(ranks, self.hp.chunk_size))
+            export += view.export_rows(ranks)
+        evaluated = [b.key for b in blocks if b.key and f"{b.key}/R@10" in metrics]
+        metrics.update(_fashioniq_means(metrics, evaluated))
+        if ranked:  # query encoding timed on this rank's queries, ranking on all of them
+            encode_ms = 1000 * self._query_seconds / max(1, self._local_queries)
+            metrics["ms_per_query"] = encode_ms + 1000 * rank_seconds / ranked
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key == "avg", rank_zero_only=False)
+        if stage == "test" and self.hp.export_uncertainty and export and self.hp.prob:
+            self._export_uncertainty(export)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    # -- outputs in the run directory --------------------------------------------------------
+    def _write_submission(self, view: _BlockView) -> None:
+        """CIRR test1: top-50 and top-3-of-the-set lists to ``<run_dir>/submission/``."""
+        from xmodal.data.hug_data import write_cirr_submission
+        from xmodal.retrieval.search import gather_scores, topk
+
+        if view.members is None or self.run_dir is None:
+            return
+        kw = {"score_fn": _distance_score, "chunk_size": self.hp.chunk_size, "largest": False}
+        depth = min(50, len(view.gallery) - 1)
+        _, top50 = topk(view.queries, view.gallery, depth, exclude=view.reference, **kw)
+        distance = gather_scores(view.queries, view.gallery, view.members, score_fn=_distance_score)
+        distance = distance.masked_fill(view.members == view.reference[:, None], math.inf)
+        # ascending distance, ties to the lower gallery index (the xmodal tie rule)
+        by_index = view.members.sort(dim=1, stable=True)
+        order = distance.gather(1, by_index.indices).sort(dim=1, stable=True).indices
+        subset = by_index.values.gather(1, order)[:, :3]
+        if self.trainer.global_rank == 0:
+            paths = write_cirr_submission(
+                self.run_dir / "submission", view.block.split, top50.cpu(), subset.cpu()
+            )
+            self.extra_metrics.update({f"test/submission/{k}": str(p) for k, p in paths.items()})
+
+    def _export_uncertainty(self, rows: list[dict[str, Any]]) -> None:
+        """Per-query uncertainties of the test split to ``<run_dir>/uncertainty_test.csv``."""
+        if self.run_dir is None or self.trainer.global_rank != 0:
+            return
+        from xmodal.runs import atomic_write_text
+
+        text = _csv(rows)
+        atomic_write_text(self.run_dir / "uncertainty_test.csv", text)
+        self.extra_metrics["test/uncertainty_file"] = str(self.run_dir / "uncertainty_test.csv")
+        self.extra_metrics.update(_calibration(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class _BlockView:
+    """One ranking problem restricted to what was encoded (everything, unless limit_*_batches
+    cut a loader short): the gallery rows, the queries, and their indices into that gallery."""
+
+    def __init__(
+        self,
+        block: EvalBlock,
+        gallery: Tensor,
+        g_enc: Tensor,
+        queries: dict[str, Tensor],
+        q_enc: Tensor,
+    ) -> None:
+        self.block = block
+        split = block.split
+        g0, q0 = block.gallery_offset, block.query_offset
+        keep_g = g_enc[g0 : g0 + block.num_gallery]
+        new_index = torch.cumsum(keep_g.long(), 0) - 1
+        keep = q_enc[q0 : q0 + block.num_queries].clone()
+        reference = block.index(split.reference).to(keep.device)
+        target = block.index(split.target).to(keep.device) if split.target is not None else None
+        members = (
+            torch.stack([block.index(m) for m in split.members]).to(keep.device)
+            if split.members
+            else None
+        )
+        if target is not None:
+            keep &= keep_g[target]
+        if members is not None:
+            keep &= keep_g[members].all(1)
+        self.keep = keep
+        self.gallery = gallery[g0 : g0 + block.num_gallery][keep_g]
+        self.queries = queries["packed"][q0 : q0 + block.num_queries][keep]
+        self.stats = queries["stats"][q0 : q0 + block.num_queries][keep]
+        ref = reference[keep]
+        self.reference = torch.where(keep_g[ref], new_index[ref], torch.full_like(ref, -1))
+        self.target = new_index[target[keep]] if target is not None else None
+        self.members = new_index[members[keep]] if members is not None else None
+        self.query_ids = keep.nonzero().squeeze(1).tolist()
+
+    def ranks(self, chunk_size: int) -> Tensor:
+        """0-based rank of each query's target by ascending expected distance (chunked)."""
+        from xmodal.retrieval.search import rank_of
+
+        exclude = self.reference if self.block.split.remove_reference else None
+        return rank_of(
+            self.queries,
+            self.gallery,
+            self.target,
+            score_fn=_distance_score,
+            exclude=exclude,
+            largest=False,
+            chunk_size=chunk_size,
+        )
+
+    def recalls(self, ranks: Tensor, chunk_size: int) -> dict[str, float]:
+        """Recall in %: FashionIQ ``<cat>/R@10``, ``<cat>/R@50``; CIRR ``R@K``, ``Rs@K`` and
+        ``avg`` = (R@5 + Rs@1) / 2 (cir.md §2.2)."""
+        from xmodal.metrics.retrieval import cirr_recall_from_embeddings, recall_from_ranks
+
+        key = self.block.key
+        if key is not None or self.members is None:
+            prefix = f"{key}/" if key else ""
+            return {f"{prefix}R@{k}": 100 * v for k, v in recall_from_ranks(ranks, FIQ_KS).items()}
+        got = cirr_recall_from_embeddings(
+            self.queries,
+            self.gallery,
+            self.target,
+            self.reference,
+            self.members,
+            CIRR_KS,
+            CIRR_SUBSET_KS,
+            score_fn=_distance_score,
+            largest=False,
+            chunk_size=chunk_size,
+        )
+        out = {k: 100 * v for k, v in got.items()}
+        out["avg"] = (out["R@5"] + out["Rs@1"]) / 2
+        return out
+
+    def export_rows(self, ranks: Tensor) -> list[dict[str, Any]]:
+        """One row per query: names, target rank and mean variances (sigma_q^2, r, t, m)."""
+        split = self.block.split
+        rows = []
+        for row, (i, rank) in enumerate(zip(self.query_ids, ranks.tolist())):
+            s_q, s_r, s_t, s_m = self.stats[row].tolist()
+            rows.append(
+                {
+                    "block": self.block.key or split.name,
+                    "query": i,
+                    "pairid": split.pair_ids[i] if split.pair_ids else "",
+                    "reference": split.reference[i],
+                    "target": split.target[i],
+                    "rank": rank,
+                    "sigma_q2": s_q,
+                    "sigma_r2": s_r,
+                    "sigma_t2": s_t,
+                    "sigma_m2": s_m,
+                }
+            )
+        return rows
+
+
+def _fashioniq_means(metrics: dict[str, float], categories: list[str]) -> dict[str, float]:
+    """FashionIQ ``avg/R@10``, ``avg/R@50`` (unweighted over categories) and ``avg``."""
+    from xmodal.metrics.retrieval import fashioniq_average
+
+    if not categories:
+        return {}
+    per_category = {c: {k: metrics[f"{c}/{k}"] for k in ("R@10", "R@50")} for c in categories}
+    return {k: v for k, v in fashioniq_average(per_category).items() if k.startswith("avg")}
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _calibration(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """How well the query uncertainty (mean sigma_q^2; confidence = its negative) predicts a hit,
+    per block, with the uCLIP calibration metrics (``xmodal.metrics.calibration``): S, R^2, -S R^2
+    over 10 confidence bins, AUROC and AURC; hits at R@10 (FashionIQ) or R@1 (CIRR)."""
+    try:
+        from xmodal.metrics import calibration as cal
+    except ImportError:  # pragma: no cover - the uCLIP metrics module ships with xmodal
+        log.warning("xmodal.metrics.calibration is missing: no calibration metrics for HUG")
+        return {}
+    out: dict[str, float] = {}
+    for block in dict.fromkeys(r["block"] for r in rows):
+        mine = [r for r in rows if r["block"] == block]
+        k = 1 if mine[0]["pairid"] != "" else 10  # CIRR rows carry a pairid
+        confidence = -torch.tensor([r["sigma_q2"] for r in mine], dtype=torch.float64)
+        hits = torch.tensor([r["rank"] < k for r in mine])
+        prefix = f"test/{block}/calibration@{k}"
+        scores = cal.calibration_scores(cal.confidence_bins(confidence, hits, num_bins=10))
+        out.update({f"{prefix}/{name}": value for name, value in scores.items()})
+        out[f"{prefix}/AUROC"] = cal.confidence_auroc(confidence, hits)
+        out[f"{prefix}/AURC"] = cal.confidence_aurc(confidence, hits)
+    return out

@@ -1,0 +1,658 @@
+"""``method=ruir``: Ranking-aware Uncertainty for text-guided Image Retrieval (arXiv 2308.08131).
+
+Spec: ``methods/ruir.md``. The paper's body was not recovered and no official code exists, so every
+choice tagged [R] in the spec is a reconstruction, exposed as a named switch of :class:`RUIRConfig`
+with the spec's default (docs/ruir.md lists them).
+
+Model (§3). CLIP towers from the backbone factory give v_r = f_I(I_r), t = f_T(T), v_t = f_I(I_t).
+The source input x_s = [v_r; t] goes through ``n_ua`` uncertainty-augmenter (UA) blocks, each a
+Gaussian head (mean, log-variance) followed by a reparameterised sample; the target v_t goes through
+its own UA blocks. At test time the score is the cosine of the two means; no sampling, no sigma.
+
+Losses (§4), for M samples of both ends, s_ij^(m) = <z_s^i(m), z_t^j(m)> / tau on unit vectors:
+
+    L_ISU = mean_m mean_i -log softmax_j(s_i.^(m))_i                        (in-sample)
+    L_CSU = mean_m mean_i -mean_{p in P_i} log softmax_j(s_i.^(m))_p        (cross-sample)
+            P_i = {i} + {j : cos(mu_t^i, mu_t^j) >= theta}  (stop-grad)
+    L_DR  = mean_i W2^2(N(mu_s^i, sigma_s^i), N(mu_t^i, sigma_t^i))           (distribution reg.)
+    L     = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR
+
+Training (§5): AdamW, linear warm-up then multi-step decay per epoch; the best checkpoint by
+validation R@10. Evaluation: FashionIQ per category under ``data.protocol``, CIRR R@K / Rs@K and
+the CIRR test1 submission files; the per-query uncertainty (mean predicted variance of the query)
+goes to ``<run_dir>/uncertainty/`` with calibration metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from xmodal.data.cir import CIRDataModule, EvalSubset
+from xmodal.probabilistic import reparameterize, sigma_from_logvar, wasserstein2
+
+log = logging.getLogger("xmodal")
+
+TOWERS = ("both", "image", "text", "none")
+UA_MODES = ("stacked", "parallel")
+CSU_SPACES = ("target", "query")
+DR_ON = ("normalized", "raw")
+TEST_CKPT = ("best", "last")
+
+
+@dataclass
+class RUIRConfig:
+    """``method=ruir`` (methods/ruir.md). [R] = reconstructed, [F] = the authors' framework."""
+
+    _target_: str = "xmodal.methods.ruir.RUIR"
+    # -- model (§2-3)
+    train_backbone: str = "both"  # [R] both | image | text | none
+    backbone_lr_scale: float = 0.1  # [R] backbone lr = lr x this
+    norm_inputs: bool = True  # [R] L2-normalise v_r, t (and v_t) before the UA blocks
+    n_ua: int = 2  # [R] UA blocks per branch
+    ua_mode: str = "stacked"  # [R] stacked | parallel
+    hidden_mult: int = 2  # [R] UA hidden width d_h = hidden_mult x d
+    dropout: float = 0.5  # [R] UA hidden dropout (CLIP4Cir/PLI combiner value)
+    logvar_init: float = -5.0  # [R] log-variance head: zero weights, this bias
+    logvar_range: list[float] = field(default_factory=lambda: [-60.0, 20.0])  # clamp, stability
+    # -- losses (§4)
+    isu: bool = True  # stochastic ranking list (M samples); false: deterministic InfoNCE on mu
+    csu: bool = True
+    dr: bool = True
+    num_samples: int = 5  # [R] M
+    tau: float = 0.07  # [F]
+    learn_tau: bool = False  # learnable temperature initialised at tau
+    theta: float = 0.9  # [R] CSU similarity threshold
+    csu_space: str = "target"  # [R] target: cos(mu_t^i, mu_t^j); query: cos(mu_s^i, mu_t^j)
+    csu_replaces_isu: bool = False  # [R] L = lambda_CSU L_CSU + ... instead of L_ISU + ...
+    lambda_csu: float = 1.0  # [R]
+    lambda_dr: float = 0.1  # [R]
+    dr_on: str = "normalized"  # [R] W2 on L2-normalised means (normalized) or raw means
+    # -- training (§5)
+    lr: float = 1e-5  # [F]
+    weight_decay: float = 5e-5  # [F]
+    warmup_epochs: int = 5  # [F] linear warm-up from gamma^2 x lr
+    milestones: list[int] = field(default_factory=lambda: [35, 45])  # [F] lr x gamma at each
+    gamma: float = 0.1  # [F]
+    early_stopping_patience: int | None = None  # [R] epochs without a better monitor value
+    text_mode: str = "both_orders"  # [F] xmodal.data.cir.TEXT_MODES
+    # -- evaluation
+    monitor: str = "val/R@10"  # best checkpoint (FashionIQ: mean over categories)
+    test_ckpt: str = "best"  # best | last: the weights trainer.test evaluates after fit
+    submission_split: str | None = "test1"  # CIRR: also write the test-server files for it
+    export_uncertainty: bool = True  # per-query uncertainty + calibration at test time
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (§4)
+# ----------------------------------------------------------------------------------------------
+
+
+def sampled_logits(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
+    """s_ij^(m) = <z_s^i(m)/|z_s^i(m)|, z_t^j(m)/|z_t^j(m)|> / tau; [M, B, d] x2 -> [M, B, B]."""
+    z_s, z_t = F.normalize(z_s.float(), dim=-1), F.normalize(z_t.float(), dim=-1)
+    return z_s @ z_t.transpose(-1, -2) / tau
+
+
+def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
+    """mean_m mean_i -(1/|P_i|) sum_{p in P_i} log softmax_j(logits[m, i])_p.
+
+    ``logits`` [M, B, B], ``positives`` bool [B, B] (row i = P_i, never empty). With
+    ``positives = I`` this is the usual InfoNCE (cross-entropy with labels 0..B-1).
+    """
+    log_p = logits.float().log_softmax(dim=-1)
+    pos = positives.to(log_p.dtype)
+    return (-(log_p * pos).sum(-1) / pos.sum(-1)).mean()
+
+
+def isu_loss(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
+    """L_ISU: InfoNCE over the stochastic ranking list; z [M, B, d] (M = 1: deterministic)."""
+    eye = torch.eye(z_s.shape[1], dtype=torch.bool, device=z_s.device)
+    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), eye)
+
+
+def csu_positives(mu_t: Tensor, theta: float, mu_s: Tensor | None = None) -> Tensor:
+    """P_i = {i} + {j : cos(mu^i, mu_t^j) >= theta}, mu = mu_t (target space) or mu_s (query
+    space), without gradient; bool [B, B]."""
+    anchor = mu_t if mu_s is None else mu_s
+    sim = (
+        F.normalize(anchor.detach().float(), dim=-1) @ F.normalize(mu_t.detach().float(), dim=-1).T
+    )
+    eye = torch.eye(len(mu_t), dtype=torch.bool, device=mu_t.device)
+    return (sim >= theta) | eye
+
+
+def csu_loss(z_s: Tensor, z_t: Tensor, positives: Tensor, tau: Tensor | float) -> Tensor:
+    """L_CSU: multi-positive InfoNCE, the in-batch targets in ``positives`` count as matches."""
+    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), positives)
+
+
+def dr_loss(
+    mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, normalized: bool = True
+) -> Tensor:
+    """L_DR: mean over matched pairs of W2^2 = |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2, on
+    L2-normalised means when ``normalized`` (sigma as is)."""
+    mu_s, mu_t, sigma_s, sigma_t = (x.float() for x in (mu_s, mu_t, sigma_s, sigma_t))
+    if normalized:
+        mu_s, mu_t = F.normalize(mu_s, dim=-1), F.normalize(mu_t, dim=-1)
+    return wasserstein2(mu_s, sigma_s, mu_t, sigma_t).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty augmenter (§3)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Gaussian:
+    """A batch of diagonal Gaussians and (in training) samples: mu, sigma [B, d]; z [M, B, d]."""
+
+    mu: Tensor
+    sigma: Tensor
+    z: Tensor | None = None
+
+
+def gathered(g: Gaussian) -> Gaussian:
+    """The Gaussians of every rank's batch, concatenated in rank order with gradients kept, so
+    each rank computes the loss of the global batch (``clip_pretrain.gather_with_grad``)."""
+    from xmodal.methods.clip_pretrain import gather_with_grad
+
+    z = None if g.z is None else gather_with_grad(g.z.transpose(0, 1)).transpose(0, 1)
+    return Gaussian(gather_with_grad(g.mu), gather_with_grad(g.sigma), z)
+
+
+class UABlock(nn.Module):
+    """One UA block: u = Dropout(GELU(W h)); mu = W_mu u; logvar = W_rho u (clamped).
+
+    Works on [P, B, d_in] (P sample paths of the same queries). The dropout mask is shared by the
+    P paths, so the paths of one query differ only by their Gaussian noise (with sigma = 0 every
+    path equals the mean path).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        d_hidden: int,
+        dropout: float,
+        logvar_init: float,
+        logvar_range: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_in, d_hidden)
+        self.mu = nn.Linear(d_hidden, d_out)
+        self.logvar = nn.Linear(d_hidden, d_out)
+        for layer in (self.hidden, self.mu):  # mu starts as a norm-preserving random map of the
+            nn.init.xavier_uniform_(layer.weight)  # input: it keeps the inputs' similarities and
+            nn.init.zeros_(layer.bias)  # a scale (|mu| ~ 0.5) the initial sigma is compared with
+        nn.init.zeros_(self.logvar.weight)  # [R] small, input-independent sigma at the start
+        nn.init.constant_(self.logvar.bias, logvar_init)
+        self.dropout = dropout
+        self.logvar_range = tuple(logvar_range)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        u = F.gelu(self.hidden(h))
+        if self.training and self.dropout > 0:
+            keep = torch.empty_like(u[0]).bernoulli_(1 - self.dropout) / (1 - self.dropout)
+            u = u * keep
+        return self.mu(u), self.logvar(u).clamp(*self.logvar_range)
+
+
+class UncertaintyAugmenter(nn.Module):
+    """``n`` UA blocks turning features [B, d_in] into a Gaussian [B, d] (+ M samples).
+
+    ``stacked``: h_0 = x, (mu_l, sigma_l) = UA_l(h_{l-1}); the Gaussian is the last block's on
+    the mean path (h_l = mu_l, what evaluation uses) and sample m follows its own chain
+    h_l = z_l = mu_l + sigma_l * eps. ``parallel``: n heads on x, their samples averaged, i.e.
+    N(mean_l mu_l, sum_l sigma_l^2 / n^2).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d: int,
+        n: int,
+        mode: str,
+        hidden_mult: int,
+        dropout: float,
+        logvar_init: float,
+        logvar_range: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"method.n_ua must be >= 1, got {n}")
+        self.mode = mode
+        dims = [d_in] + [d if mode == "stacked" else d_in] * (n - 1)
+        self.blocks = nn.ModuleList(
+            UABlock(di, d, hidden_mult * d, dropout, logvar_init, logvar_range) for di in dims
+        )
+
+    def forward(self, x: Tensor, num_samples: int = 0) -> Gaussian:
+        if self.mode == "parallel":
+            heads = [block(x[None]) for block in self.blocks]
+            mu = torch.stack([m[0] for m, _ in heads]).mean(0)
+            var = torch.stack([sigma_from_logvar(lv[0]) ** 2 for _, lv in heads]).sum(0)
+            sigma = var.sqrt() / len(heads)
+            z = reparameterize(mu, sigma, num_samples) if num_samples else None
+            return Gaussian(mu, sigma, z)
+        h = x[None]  # path 0 = the mean path; paths 1..M = the sample chains
+        for i, block in enumerate(self.blocks):
+            mu, logvar = block(h)
+            sigma = sigma_from_logvar(logvar)
+            if num_samples and i == 0:
+                z = reparameterize(mu[0], sigma[0], num_samples)
+            elif num_samples:
+                z = reparameterize(mu[1:], sigma[1:], 1)[0]
+            h = torch.cat([mu[:1], z]) if num_samples else mu
+        return Gaussian(mu[0], sigma[0], h[1:] if num_samples else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule (§5)
+# ----------------------------------------------------------------------------------------------
+
+
+def multistep_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup_epochs: int, milestones: list[int], gamma: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The authors' ``MultiStepWithWarmup`` (stepped per epoch): lr x gamma^2 rising linearly to
+    lr over ``warmup_epochs``, then x gamma at each of ``milestones`` (absolute epochs)."""
+    from torch.optim.lr_scheduler import LinearLR, MultiStepLR, SequentialLR
+
+    if list(milestones) != sorted(milestones) or any(m <= warmup_epochs for m in milestones):
+        raise ValueError(
+            f"method.milestones={list(milestones)} must be increasing epochs after "
+            f"method.warmup_epochs={warmup_epochs}"
+        )
+    decay = MultiStepLR(optimizer, [m - warmup_epochs for m in milestones], gamma=gamma)
+    if warmup_epochs == 0:
+        return decay
+    warmup = LinearLR(optimizer, start_factor=gamma**2, total_iters=warmup_epochs)
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_epochs])
+
+
+# ----------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_choice(cfg: RUIRConfig, key: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, key)
+    if value not in allowed:
+        raise ValueError(f"method.{key}={value!r} is not one of {allowed}")
+
+
+def _tower_prefixes(
+    backbone: nn.Module,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Parameter-name prefixes of (image tower, text tower, unused) for open_clip / BLIP-2."""
+    from xmodal.backbones.blip2 import Blip2QFormer
+
+    if isinstance(backbone, Blip2QFormer):  # the Q-Former serves both towers
+        image = ("vision_model.", "query_tokens", "vision_projection.", "qformer.")
+        text = ("embeddings.", "text_projection.", "qformer.")
+        return image, text, ("itm_head.",)
+    return ("visual.",), ("",), ("logit_scale", "logit_bias")
+
+
+class RUIR(pl.LightningModule):
+    """RUIR on a CLIP-style backbone (``encode_image``/``encode_text``) of joint dimension d."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        cfg: RUIRConfig,
+        run_dir: str | None = None,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        for key, allowed in (
+            ("train_backbone", TOWERS),
+            ("ua_mode", UA_MODES),
+            ("csu_space", CSU_SPACES),
+            ("dr_on", DR_ON),
+            ("test_ckpt", TEST_CKPT),
+        ):
+            _check_choice(cfg, key, allowed)
+        self.save_hyperparameters({"config": config} if config else {})
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.backbone = backbone
+        self.train_image, self.train_text = self._select_trainable(backbone, cfg.train_backbone)
+        d = embed_dim
+        ua = dict(
+            n=cfg.n_ua,
+            mode=cfg.ua_mode,
+            hidden_mult=cfg.hidden_mult,
+            dropout=cfg.dropout,
+            logvar_init=cfg.logvar_init,
+            logvar_range=tuple(cfg.logvar_range),
+        )
+        self.source = UncertaintyAugmenter(2 * d, d, **ua)  # x_s = [v_r; t] in R^{2d}
+        self.target = UncertaintyAugmenter(d, d, **ua)  # [R] own blocks, no weight sharing
+        if not (cfg.isu or cfg.dr):  # baseline: sigma takes no part in the loss
+            for block in [*self.source.blocks, *self.target.blocks]:
+                block.logvar.requires_grad_(False)
+        log_inv_tau = torch.tensor(math.log(1 / cfg.tau))
+        if cfg.learn_tau:
+            self.log_inv_tau = nn.Parameter(log_inv_tau)
+        else:
+            self.register_buffer("log_inv_tau", log_inv_tau)
+        self.datamodule: CIRDataModule | None = None
+        self._outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.extra_metrics: dict[str, Any] = {}
+
+    @staticmethod
+    def _select_trainable(backbone: nn.Module, towers: str) -> tuple[bool, bool]:
+        """Freeze what ``train_backbone`` does not train; returns (train image, train text)."""
+        image, text, unused = _tower_prefixes(backbone)
+        train_image, train_text = towers in ("both", "image"), towers in ("both", "text")
+        shared = set(image) & set(text)
+        if shared and towers in ("image", "text"):
+            raise ValueError(
+                f"method.train_backbone={towers}: this backbone's {sorted(shared)} serves both "
+                "towers, so one tower cannot be trained alone; use both or none."
+            )
+        for name, p in backbone.named_parameters():
+            in_image = name.startswith(image)
+            wanted = (in_image and train_image) or (
+                not in_image and name.startswith(text) and train_text
+            )
+            if name.startswith(unused) or not wanted:
+                p.requires_grad_(False)
+        return train_image, train_text
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> tuple[RUIR, CIRDataModule]:
+        """The module and the CIR datamodule of a composed ``train`` config."""
+        from xmodal import backbones
+
+        m: RUIRConfig = OmegaConf.to_object(cfg.method)
+        model, preprocess, tokenizer = backbones.build(cfg.backbone)
+        with torch.no_grad():
+            embed_dim = int(model.encode_text(tokenizer(["a"])).shape[-1])
+        extra = [m.submission_split] if cfg.data.family == "cirr" and m.submission_split else []
+        datamodule = CIRDataModule(
+            cfg.data,
+            preprocess,
+            tokenizer,
+            text_mode=m.text_mode,
+            extra_test_splits=extra,
+            seed=cfg.seed,
+        )
+        module = cls(
+            model,
+            embed_dim,
+            m,
+            run_dir=cfg.run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        module.datamodule = datamodule
+        return module, datamodule
+
+    def train(self, mode: bool = True) -> RUIR:
+        """The backbone stays in eval mode (frozen BatchNorm statistics, as CLIP4Cir fine-tunes)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # -- features ---------------------------------------------------------------------------
+    @property
+    def tau(self) -> Tensor:
+        return 1 / self.log_inv_tau.exp().clamp(max=100)
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        with torch.set_grad_enabled(self.train_image and torch.is_grad_enabled()):
+            return self.backbone.encode_image(pixels).float()
+
+    def encode_texts(self, tokens: Any) -> Tensor:
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            return self.backbone.encode_text(tokens).float()
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) if self.cfg.norm_inputs else x
+
+    def source_gaussian(self, v_r: Tensor, t: Tensor, num_samples: int = 0) -> Gaussian:
+        """UA blocks on x_s = [v_r; t] (§3)."""
+        return self.source(torch.cat([self._norm(v_r), self._norm(t)], dim=-1), num_samples)
+
+    def target_gaussian(self, v_t: Tensor, num_samples: int = 0) -> Gaussian:
+        """The target branch's UA blocks on v_t (§3)."""
+        return self.target(self._norm(v_t), num_samples)
+
+    # -- training (§4) ------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        c = self.cfg
+        v_r, v_t = self.encode_images(torch.cat([batch["reference"], batch["target"]])).chunk(2)
+        t = self.encode_texts(batch["text"])
+        m = c.num_samples if c.isu else 0
+        # Gaussians + M samples (§3), over the global batch (gathered from every rank)
+        src = gathered(self.source_gaussian(v_r, t, m))
+        tgt = gathered(self.target_gaussian(v_t, m))
+        # stochastic ranking list from M samples of both ends; the baseline ranks the means
+        z_s, z_t = (src.z, tgt.z) if c.isu else (src.mu[None], tgt.mu[None])
+
+        losses: dict[str, Tensor] = {}
+        if not (c.csu and c.csu_replaces_isu):
+            losses["isu"] = isu_loss(z_s, z_t, self.tau)  # L_ISU
+        if c.csu:
+            positives = csu_positives(tgt.mu, c.theta, src.mu if c.csu_space == "query" else None)
+            losses["csu"] = c.lambda_csu * csu_loss(z_s, z_t, positives, self.tau)  # L_CSU
+            self.log("train/csu_extra_positives", (positives.sum(1) - 1).float().mean())
+        if c.dr:
+            losses["dr"] = c.lambda_dr * dr_loss(  # L_DR, 2-Wasserstein
+                src.mu, src.sigma, tgt.mu, tgt.sigma, normalized=c.dr_on == "normalized"
+            )
+        loss = sum(losses.values())  # L = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR
+
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()})
+        self.log("train/sigma_s", src.sigma.mean())
+        self.log("train/sigma_t", tgt.sigma.mean())
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        c = self.cfg
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        heads = [p for n, p in trainable if not n.startswith("backbone.")]
+        backbone = [p for n, p in trainable if n.startswith("backbone.")]
+        groups = [{"params": heads, "lr": c.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": c.lr * c.backbone_lr_scale})
+        fused = True if self.device.type == "cpu" else None  # CPU: several times faster steps
+        optimizer = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay, fused=fused)
+        scheduler = multistep_with_warmup(optimizer, c.warmup_epochs, c.milestones, c.gamma)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if self.cfg.early_stopping_patience is None:
+            return []
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        return [
+            EarlyStopping(self.cfg.monitor, patience=self.cfg.early_stopping_patience, mode="max")
+        ]
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _encode_step(self, batch: Any, dataloader_idx: int) -> None:
+        """Loader 2s: gallery images of subset s; loader 2s+1: its query texts."""
+        if dataloader_idx % 2 == 0:
+            idx, pixels, _ = batch
+            emb = self.encode_images(pixels)
+        else:
+            idx, tokens = batch
+            emb = self.encode_texts(tokens)
+        self._outputs.setdefault(dataloader_idx, []).append((idx, emb))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._encode_step(batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._encode_step(batch, dataloader_idx)
+
+    def _gathered(self, dataloader_idx: int, n: int) -> tuple[Tensor, Tensor]:
+        """(embeddings [n, d] in dataset order, seen [n]) across ranks; DistributedSampler
+        padding duplicates carry identical embeddings, unseen rows (limit_*_batches) are 0."""
+        outputs = self._outputs.get(dataloader_idx, [])
+        if not outputs:
+            return torch.zeros(n, 1, device=self.device), torch.zeros(n, dtype=torch.bool)
+        idx = torch.cat([i for i, _ in outputs])
+        emb = torch.cat([e for _, e in outputs])
+        if self.trainer.world_size > 1:
+            idx = self.all_gather(idx).reshape(-1)
+            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
+        out = torch.zeros(n, emb.shape[-1], device=emb.device)
+        out[idx] = emb
+        seen = torch.zeros(n, dtype=torch.bool)
+        seen[idx.cpu()] = True
+        return out, seen
+
+    def embed_subset(self, subset: EvalSubset, s: int) -> tuple[EvalSubset, Tensor, Tensor, Tensor]:
+        """(subset, q = normalize(mu_s) [Q, d], g = normalize(mu_t) [G, d], sigma_s [Q, d]) from
+        the gathered features of loaders 2s and 2s+1; reference features are the gallery's."""
+        v_g, g_seen = self._gathered(2 * s, len(subset.split.gallery))
+        t, q_seen = self._gathered(2 * s + 1, len(subset.split.text))
+        if not (g_seen.all() and q_seen.all()):  # limit_val_batches / limit_test_batches
+            subset, g_keep, q_keep = subset.restrict(g_seen, q_seen)
+            log.warning(
+                "%s: only part of the data was encoded (limit_*_batches); metrics use %d of %d "
+                "queries and %d of %d gallery images",
+                subset.split.name, len(q_keep), len(q_seen), len(g_keep), len(g_seen),
+            )  # fmt: skip
+            v_g, t = v_g[g_keep.to(v_g.device)], t[q_keep.to(t.device)]
+        v_r = v_g[subset.reference.to(v_g.device)]
+        src, tgt = self.source_gaussian(v_r, t), self.target_gaussian(v_g)  # deterministic
+        return subset, F.normalize(src.mu, dim=-1), F.normalize(tgt.mu, dim=-1), src.sigma
+
+    @torch.no_grad()
+    def _evaluate(self, stage: str, subsets: list[EvalSubset]) -> None:
+        from xmodal.data.cir import fashioniq_summary, subset_metrics
+
+        metrics: dict[str, float] = {}
+        categories = []
+        for s, full in enumerate(subsets):
+            subset, q, g, sigma = self.embed_subset(full, s)
+            self.extra_metrics.update({f"{stage}/{k}": v for k, v in subset.counts().items()})
+            if subset.target is None:  # CIRR test1: labels withheld, write the submission
+                if stage == "test":
+                    self._write_submission(subset, q, g)
+                continue
+            if len(subset.target) == 0:
+                continue
+            metrics.update(subset_metrics(subset, q, g))
+            if subset.family == "fashioniq":
+                categories.append(subset.key)
+            if stage == "test" and self.cfg.export_uncertainty:
+                self._export_uncertainty(stage, subset, q, g, sigma)
+        if categories and len(categories) == sum(s.family == "fashioniq" for s in subsets):
+            metrics.update(fashioniq_summary(metrics, categories))
+        self._outputs.clear()
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, rank_zero_only=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._outputs:
+            self._evaluate("val", self.datamodule.val_subsets)
+
+    def on_test_start(self) -> None:
+        """Evaluate the best checkpoint (by ``monitor``) unless ``test_ckpt=last``."""
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback else ""
+        if self.cfg.test_ckpt == "best" and best and Path(best).is_file():
+            state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
+            self.load_state_dict(state)
+            self.extra_metrics["val/best/" + self.cfg.monitor.split("/", 1)[-1]] = float(
+                callback.best_model_score
+            )
+            log.info("testing the best checkpoint %s", best)
+
+    def on_test_epoch_end(self) -> None:
+        if self._outputs:
+            self._evaluate("test", self.datamodule.test_subsets)
+
+    # -- outputs in the run directory -----------------------------------------------------
+    def _out_dir(self, name: str) -> Path | None:
+        if self.run_dir is None or self.trainer.global_rank != 0:
+            return None
+        return self.run_dir / name
+
+    def _write_submission(self, subset: EvalSubset, q: Tensor, g: Tensor) -> None:
+        """The two CIRR test-server files in ``<run_dir>/submission/`` (cir.md §2.3)."""
+        from xmodal.data.cir import cirr_submission, write_cirr_submission
+
+        folder = self._out_dir("submission")
+        if folder is None:
+            return
+        recall, recall_subset = cirr_submission(subset, q, g)
+        paths = write_cirr_submission(folder, subset.split.name, recall, recall_subset)
+        self.extra_metrics[f"test/{subset.prefix}submission_queries"] = len(subset.split.pair_ids)
+        log.info("CIRR submission files: %s", ", ".join(map(str, paths)))
+
+    def _export_uncertainty(
+        self, stage: str, subset: EvalSubset, q: Tensor, g: Tensor, sigma: Tensor
+    ) -> None:
+        """Per-query uncertainty u_i = mean_d sigma_s,i,d^2 with the target's rank, to
+        ``<run_dir>/uncertainty/<stage>_<subset>.csv``, and its calibration metrics."""
+        from xmodal.data.cir import target_ranks
+
+        folder = self._out_dir("uncertainty")
+        if folder is None:
+            return
+        uncertainty = sigma.pow(2).mean(-1).cpu()
+        ranks = target_ranks(subset, q, g).cpu()
+        split = subset.split
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stage}_{subset.key or split.name}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["query", "reference", "target", "text", "uncertainty", "target_rank"])
+            for i, (ref, tgt, text) in enumerate(zip(split.reference, split.target, split.text)):
+                writer.writerow([i, ref, tgt, text, f"{uncertainty[i]:.6g}", int(ranks[i])])
+        self.extra_metrics.update(
+            {
+                f"{stage}/{subset.prefix}uncertainty/{k}": v
+                for k, v in uncertainty_calibration(uncertainty, ranks).items()
+            }
+        )
+
+
+def uncertainty_calibration(
+    uncertainty: Tensor, ranks: Tensor, ks: tuple[int, ...] = (1, 10)
+) -> dict[str, float]:
+    """How well a per-query uncertainty predicts retrieval failure, with uCLIP's calibration
+    metrics (:mod:`xmodal.metrics.calibration`; confidence = -uncertainty).
+
+    For each k: ``k<k>/S``, ``k<k>/R2``, ``k<k>/-SR2`` over 10 equal-width confidence bins of
+    the R@k hits, and ``k<k>/AUROC`` (higher is better) and ``k<k>/AURC`` (lower is better) of
+    the confidence for a hit; plus ``mean``, the mean uncertainty.
+    """
+    from xmodal.metrics.calibration import (
+        calibration_scores,
+        confidence_aurc,
+        confidence_auroc,
+        confidence_bins,
+    )
+
+    confidence = -uncertainty.double()
+    out = {"mean": float(uncertainty.mean())}
+    for k in ks:
+        hits = ranks < k
+        scores = calibration_scores(confidence_bins(confidence, hits, num_bins=10))
+        scores["AUROC"] = confidence_auroc(confidence, hits)
+        scores["AURC"] = confidence_aurc(confidence, hits)
+        out.update({f"k{k}/{name}": value for name, value in scores.items()})
+    return out

@@ -1,0 +1,177 @@
+"""Calibration of a retrieval confidence: R@1 per confidence bin, S / R² / −S·R², rejection curves,
+and AUROC / AURC / ECE of the confidence as a predictor of a correct top-1.
+
+Conventions (shared with :mod:`xmodal.evaluators.uclip`):
+
+- A **confidence** is one float per query, higher = surer; uncertainty is its reverse order.
+- **hits** is one bool per query: its first positive is in the top k (``rank < k``, ranks from
+  :func:`xmodal.metrics.positive_ranks`). Recalls are fractions in [0, 1].
+- **Bins** follow uCLIP's ``get_metrics_by_confidence_intervals`` (uclip.md §5): ``num_bins``
+  equal-width bins over [min, max] of the confidence (float32 ``linspace``), ``[lo, hi)`` except
+  the last, ``[lo, hi]``; empty bins are dropped. A bin is ``(lo, hi, mean confidence, recall)``.
+- **S / R² / −S·R²** (ProbVLM's metrics as uCLIP computes them): x = 0..n−1 indexes the surviving
+  bins by increasing confidence, y = their recall; S = −Spearman(x, y) (Spearman between
+  uncertainty level and recall, ideal −1), R² of the least-squares line, and −S·R² (ideal +1).
+- **Rejection curves** (``get_metrics_with_selective_removal``): remove the n least confident
+  queries, n = 0, step, 2·step, ... < #queries, and report the recall of the rest; the area is the
+  trapezoid rule over n / max(n) (uCLIP's ``plot_rejection.py`` legend; higher is better).
+- Ties in confidence are broken by query index (stable sort) wherever an order is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xmodal.metrics.retrieval import positive_ranks
+
+Bin = tuple[float, float, float, float]  # (lo, hi, mean confidence, recall)
+
+
+def _check(confidence: Tensor, hits: Tensor) -> tuple[Tensor, Tensor]:
+    confidence = torch.as_tensor(confidence).detach().flatten().cpu()
+    hits = torch.as_tensor(hits).detach().flatten().cpu().bool()
+    if confidence.shape != hits.shape:
+        raise ValueError(
+            f"confidence has {confidence.numel()} values but hits has {hits.numel()}: "
+            "give one confidence and one hit per query"
+        )
+    if confidence.numel() == 0:
+        raise ValueError("no queries: confidence and hits are empty")
+    if bool(torch.isnan(confidence).any()):
+        raise ValueError("confidence contains NaN; every query needs a comparable confidence")
+    return confidence, hits
+
+
+def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> list[Bin]:
+    """Recall per equal-width confidence bin, empty bins dropped (uCLIP's calibration bins).
+
+    ``confidence`` float [Q], ``hits`` bool [Q]. Returns ``(lo, hi, mean confidence, recall)`` per
+    non-empty bin in order of increasing confidence. Confidences are compared in float32, as the
+    official code does.
+    """
+    confidence, hits = _check(confidence, hits)
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    conf = confidence.float()
+    edges = torch.linspace(conf.min().item(), conf.max().item(), steps=num_bins + 1)
+    bins = []
+    for i in range(num_bins):
+        lo, hi = edges[i].item(), edges[i + 1].item()
+        upper = conf < hi if i < num_bins - 1 else conf <= hi
+        inside = (conf >= lo) & upper
+        if bool(inside.any()):
+            recall = hits[inside].float().mean().item()
+            bins.append((lo, hi, conf[inside].mean().item(), recall))
+    return bins
+
+
+def binned_recall(
+    scores: Tensor, positives: Tensor, confidence: Tensor, num_bins: int = 10, k: int = 1
+) -> list[Bin]:
+    """R@k per confidence bin on a dense problem: ``scores`` float [Q, G] (higher = better),
+    ``positives`` bool [Q, G], ``confidence`` float [Q]; see :func:`confidence_bins`."""
+    hits = positive_ranks(scores, positives, k) < k
+    return confidence_bins(confidence, hits, num_bins)
+
+
+def calibration_scores(bin_recalls: Sequence[Bin] | Sequence[float]) -> dict[str, float]:
+    """``{"S", "R2", "-SR2"}`` from per-bin recalls ordered by increasing confidence.
+
+    Accepts the bins of :func:`confidence_bins` / :func:`binned_recall` or plain recall values.
+    Fewer than two bins, or the same recall in every bin, give NaN (the correlations are
+    undefined), as in the official code.
+    """
+    from scipy.stats import linregress, spearmanr
+
+    y = np.array([b[-1] if isinstance(b, (tuple, list)) else b for b in bin_recalls], dtype=float)
+    if len(y) < 2:
+        return {"S": math.nan, "R2": math.nan, "-SR2": math.nan}
+    x = np.arange(len(y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant recall: scipy warns and returns NaN
+        rho = float(spearmanr(x, y)[0])
+        r2 = float(linregress(x, y).rvalue ** 2)
+    s = -rho
+    return {"S": s, "R2": r2, "-SR2": -s * r2}
+
+
+def rejection_curve(confidence: Tensor, hits: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """Recall after removing the least confident queries: ``(removed [n], recall [n])``.
+
+    ``removed`` = 0, step, 2·step, ... up to (excluding) the number of queries; ``recall`` is the
+    float32 hit rate of the remaining queries.
+    """
+    confidence, hits = _check(confidence, hits)
+    if step < 1:
+        raise ValueError(f"rejection step must be >= 1, got {step}")
+    order = torch.argsort(confidence, stable=True)  # least confident first
+    removed_hits = torch.cat([torch.zeros(1, dtype=torch.long), hits[order].long().cumsum(0)])
+    removed = torch.arange(0, len(hits), step)
+    remaining_hits = hits.long().sum() - removed_hits[removed]
+    recall = remaining_hits.float() / (len(hits) - removed).float()
+    return removed, recall
+
+
+def rejection_area(removed: Tensor, recall: Tensor) -> float:
+    """Trapezoid area under ``recall`` against ``removed / max(removed)``; NaN for < 2 points."""
+    x = torch.as_tensor(removed).double().cpu().numpy()
+    y = torch.as_tensor(recall).double().cpu().numpy()
+    if len(x) < 2 or x.max() <= 0:
+        return math.nan
+    x = x / x.max()
+    return float((np.diff(x) * (y[1:] + y[:-1]) / 2.0).sum())
+
+
+def _both_classes(hits: Tensor) -> bool:
+    return bool(hits.any()) and bool((~hits).any())
+
+
+def confidence_auroc(confidence: Tensor, correct: Tensor) -> float:
+    """AUROC of the confidence for telling correct from wrong queries (torchmetrics); ties count
+    one half. NaN when every query is correct or every one is wrong."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    confidence, correct = _check(confidence, correct)
+    if not _both_classes(correct):
+        return math.nan
+    # dense ranks in [0, 1]: the same AUROC, keeps ties, and torchmetrics never applies a sigmoid
+    _, dense = torch.unique(confidence.double(), return_inverse=True)
+    preds = dense.double() / max(1, int(dense.max()))
+    return float(binary_auroc(preds, correct.long()))
+
+
+def confidence_aurc(confidence: Tensor, correct: Tensor) -> float:
+    """Area under the risk-coverage curve (Geifman & El-Yaniv), lower is better.
+
+    Accepting the most confident queries first, the risk at each coverage is the error rate of the
+    accepted ones; AURC is its mean over the Q coverages i/Q. Tied confidences are accepted
+    together: each query of a tie group gets the risk of the whole group.
+    """
+    confidence, correct = _check(confidence, correct)
+    order = torch.argsort(confidence.double(), descending=True, stable=True)
+    conf_sorted = confidence.double()[order]
+    errors = (~correct[order]).double().cumsum(0)
+    accepted = torch.arange(1, len(order) + 1, dtype=torch.double)
+    group_end = torch.ones(len(order), dtype=torch.bool)
+    group_end[:-1] = conf_sorted[1:] != conf_sorted[:-1]
+    group = torch.cat([torch.zeros(1, dtype=torch.long), group_end[:-1].long().cumsum(0)])
+    risk_at_end = (errors / accepted)[group_end]
+    return float(risk_at_end[group].mean())
+
+
+def confidence_ece(confidence: Tensor, correct: Tensor, num_bins: int = 15) -> float:
+    """Expected calibration error (L1, ``num_bins`` equal-width bins; torchmetrics) of the
+    confidence read as the probability of a correct query. NaN unless it lies in [0, 1]."""
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    confidence, correct = _check(confidence, correct)
+    if bool((confidence < 0).any()) or bool((confidence > 1).any()):
+        return math.nan
+    ece = binary_calibration_error(confidence.float(), correct.long(), n_bins=num_bins, norm="l1")
+    return float(ece)

@@ -1,0 +1,243 @@
+"""The CIR datamodule and protocol helpers (xmodal.data.cir) on the small shapes world and on the
+cir.md §4 fixture."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from test_metrics_retrieval import cir_fixture
+from xmodal.config import compose
+from xmodal.data.base import CIRSplit
+from xmodal.data.cir import (
+    CIRDataModule,
+    EvalSubset,
+    blip_caption,
+    cirr_submission,
+    fashioniq_summary,
+    random_fiq_text,
+    subset_metrics,
+    target_ranks,
+    training_texts,
+    write_cirr_submission,
+)
+
+
+def _split(protocol="clip4cir", captions=(["is red.", "has a star"],), **kw):
+    n = len(captions)
+    fields = dict(
+        name="t",
+        protocol=protocol,
+        reference=[f"r{i}" for i in range(n)],
+        text=[f"fixed {i}" for i in range(n)],
+        target=[f"t{i}" for i in range(n)],
+        gallery=[],
+        name_to_path={},
+        remove_reference=False,
+        captions=[list(c) for c in captions],
+    )
+    fields.update(kw)
+    return CIRSplit(**fields)
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+def test_training_texts_per_mode():
+    fiq = _split()
+    assert training_texts(fiq, "both_orders") == [(0, "is red. and has a star"),
+                                                   (0, "has a star and is red.")]  # fmt: skip
+    assert training_texts(fiq, "fixed") == [(0, "fixed 0")]
+    assert training_texts(fiq, "random") == [(0, None)]
+    assert training_texts(fiq, "blip_caption") == [(0, "is red , has a star")]
+    val_lines = _split(protocol="val", captions=(["a", "b"], ["b", "a"]))
+    assert training_texts(val_lines, "both_orders") == [(0, "fixed 0"), (1, "fixed 1")]
+    cirr = _split(captions=(["Make it Blue."],))
+    assert (
+        training_texts(cirr, "both_orders")
+        == training_texts(cirr, "random")
+        == [(0, "Make it Blue.")]
+    )
+    with pytest.raises(ValueError, match="text_mode"):
+        training_texts(fiq, "shuffle")
+
+
+def test_random_fiq_text_draws_the_four_clip4cir_variants():
+    rng = random.Random(0)
+    seen = {random_fiq_text(["is red.", "has a star?"], rng) for _ in range(200)}
+    assert seen == {"Is red and has a star", "Has a star and is red", "Is red", "Has a star"}
+
+
+def test_blip_caption():
+    text = "Is RED (and) shiny!!  has: a star; " + " ".join(["w"] * 60)
+    out = blip_caption(text)
+    assert out.startswith("is red and shiny has a star w")
+    assert len(out.split(" ")) == 50
+
+
+# ----------------------------------------------------------------------------- datamodule
+
+
+def _datamodule(overrides, **kw):
+    from xmodal import backbones
+
+    cfg = compose("train", ["data.shapes_world=small", *overrides])
+    _, preprocess, tokenizer = backbones.build("tiny_clip")
+    return CIRDataModule(cfg.data, preprocess, tokenizer, **kw)
+
+
+def test_fashioniq_joint_training_and_per_category_evaluation(shapes_world):
+    dm = _datamodule(["data=shapes_fashioniq"])
+    dm.setup("fit")
+    per_cat = {k: len(s.reference) for k, s in dm.load("train").items()}
+    assert set(per_cat) == {"dress", "shirt", "toptee"}
+    assert len(dm.train_set) == 2 * sum(per_cat.values())  # both caption orders
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["reference"].shape == batch["target"].shape == (64, 3, 32, 32)
+    assert batch["text"].shape[0] == 64 and batch["index"].dtype == torch.long
+    assert [s.key for s in dm.val_subsets] == ["dress", "shirt", "toptee"]
+    loaders = dm.val_dataloader()
+    assert len(loaders) == 6
+    idx, pixels, valid = next(iter(loaders[0]))
+    assert pixels.shape[1:] == (3, 32, 32) and bool(valid.all())
+    idx, tokens = next(iter(loaders[1]))
+    assert tokens.shape[0] == len(idx)
+    dress = dm.val_subsets[0]
+    names = dress.split.gallery
+    assert [names[i] for i in dress.target.tolist()] == dress.split.target
+    assert [names[i] for i in dress.reference.tolist()] == dress.split.reference
+    assert dress.counts() == {
+        "dress/num_queries": 10,
+        "dress/num_gallery": len(names),
+        "dress/protocol": "clip4cir",
+    }
+
+
+def test_fashioniq_one_category_val_protocol_and_reference_pixels(shapes_world):
+    dm = _datamodule(
+        ["data=shapes_fashioniq", "data.categories=[shirt]", "data.protocol=val"],
+        query_images=True,
+    )
+    dm.setup()
+    assert list(dm.load("train")) == ["shirt"]
+    shirt = dm.test_subsets[0]
+    assert (
+        shirt.split.remove_reference and shirt.counts()["shirt/protocol"] == "val+remove_reference"
+    )
+    assert len(dm.train_set) == len(dm.load("train")["shirt"].reference)  # one sample per line
+    idx, ref_pixels, tokens = next(iter(dm.test_dataloader()[1]))
+    assert ref_pixels.shape == (len(idx), 3, 32, 32)
+
+
+def test_cirr_with_test1_submission_split(shapes_world):
+    dm = _datamodule(["data=shapes_cirr"], extra_test_splits=["test1"])
+    dm.setup()
+    assert [s.key for s in dm.test_subsets] == ["", "test1"]
+    val, test1 = dm.test_subsets
+    assert val.prefix == "" and test1.prefix == "test1/" and test1.target is None
+    assert val.members.shape == (len(val.split.reference), 6)
+    assert len(dm.test_dataloader()) == 4
+    assert len(dm.train_set) == len(dm.load("train")[""].reference)
+
+
+def test_fashioniq_test_split_and_non_cir_data_are_refused(shapes_world):
+    dm = _datamodule(["data=shapes_fashioniq", "data.split=test"])
+    with pytest.raises(ValueError, match="data.split=val"):
+        dm.setup("test")
+    with pytest.raises(ValueError, match="not a composed image retrieval dataset"):
+        _datamodule(["data=shapes_coco"])
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def _fixture_subset(family: str, remove_reference: bool, with_target: bool = True):
+    pred, gallery, target, reference, members = cir_fixture()
+    names = [f"img{i:02d}" for i in range(64)]
+    split = CIRSplit(
+        name=f"{family}_fixture",
+        protocol="clip4cir",
+        reference=[names[i] for i in reference],
+        text=[f"q{i}" for i in range(20)],
+        target=[names[i] for i in target] if with_target else None,
+        gallery=names,
+        name_to_path={},
+        remove_reference=remove_reference,
+        pair_ids=list(range(100, 120)),
+        members=[[names[i] for i in row] for row in members] if family == "cirr" else None,
+    )
+    return EvalSubset.build("dress" if family == "fashioniq" else "", family, split), pred, gallery
+
+
+def test_subset_metrics_reproduce_the_official_values():
+    # cir.md §4: CLIP4Cir FIQ protocol A R@10 = 10, R@50 = 75; masked reference R@50 = 80
+    subset, q, g = _fixture_subset("fashioniq", remove_reference=False)
+    out = subset_metrics(subset, q, g)
+    assert (out["dress/R@10"], out["dress/R@50"]) == pytest.approx((10.0, 75.0))
+    subset, q, g = _fixture_subset("fashioniq", remove_reference=True)
+    out = subset_metrics(subset, q, g)
+    assert [out[f"dress/R@{k}"] for k in (1, 5, 10, 50)] == pytest.approx([0, 5, 10, 80])
+    subset, q, g = _fixture_subset("cirr", remove_reference=True)
+    expected = {"R@1": 0, "R@5": 5, "R@10": 10, "R@50": 80, "Rs@1": 10, "Rs@2": 35, "Rs@3": 65}
+    out = subset_metrics(subset, q, g)
+    assert {k: out[k] for k in expected} == pytest.approx(expected)
+    assert out["avg"] == pytest.approx((5 + 10) / 2)
+
+
+def test_fashioniq_summary():
+    per_cat = {f"{c}/R@{k}": v for c, v in (("a", 10.0), ("b", 30.0)) for k in (1, 5, 10, 50)}
+    per_cat["b/R@50"] = 50.0
+    out = fashioniq_summary(per_cat, ["a", "b"])
+    assert out["avg/R@10"] == out["R@10"] == 20.0
+    assert out["avg/R@50"] == out["R@50"] == 30.0
+    assert out["avg"] == 25.0
+
+
+def test_cirr_submission_format(tmp_path):
+    subset, q, g = _fixture_subset("cirr", remove_reference=True, with_target=False)
+    recall, recall_subset = cirr_submission(subset, q, g)
+    assert recall["version"] == recall_subset["version"] == "rc2"
+    assert (recall["metric"], recall_subset["metric"]) == ("recall", "recall_subset")
+    assert set(recall) - {"version", "metric"} == {str(p) for p in range(100, 120)}
+    scores = q @ g.T
+    for i in range(20):
+        ranked, ref = recall[str(100 + i)], subset.split.reference[i]
+        assert len(ranked) == 50 and ref not in ranked and len(set(ranked)) == 50
+        values = [scores[i, int(n[3:])].item() for n in ranked]
+        assert values == sorted(values, reverse=True)
+        best = recall_subset[str(100 + i)]
+        others = [m for m in subset.split.members[i] if m != ref]
+        expected = sorted(others, key=lambda n: -scores[i, int(n[3:])].item())[:3]
+        assert best == expected
+    paths = write_cirr_submission(tmp_path, "test1", recall, recall_subset)
+    assert [p.name for p in paths] == [
+        "recall_submission_test1.json",
+        "recall_subset_submission_test1.json",
+    ]
+    assert json.loads(paths[0].read_text()) == recall
+    # a gallery smaller than 51 gives lists of gallery size - 1
+    names = [f"g{i}" for i in range(8)]
+    tiny = CIRSplit("cirr_tiny", "clip4cir", ["g0"], ["x"], None, names, {}, True,
+                    pair_ids=[7], members=[names[:6]])  # fmt: skip
+    recall, recall_subset = cirr_submission(EvalSubset.build("", "cirr", tiny), q[:1], g[:8])
+    assert len(recall["7"]) == 7 and "g0" not in recall["7"]
+    assert len(recall_subset["7"]) == 3 and set(recall_subset["7"]) <= set(names[1:6])
+
+
+def test_restrict_keeps_consistent_queries():
+    subset, q, g = _fixture_subset("cirr", remove_reference=True)
+    g_seen = torch.ones(64, dtype=torch.bool)
+    g_seen[subset.target[0]] = False  # query 0 loses its target
+    q_seen = torch.ones(20, dtype=torch.bool)
+    q_seen[5] = False
+    small, g_keep, q_keep = subset.restrict(g_seen, q_seen)
+    dropped = {0, 5} | {i for i in range(20) if bool((subset.members[i] == subset.target[0]).any())}
+    assert q_keep.tolist() == [i for i in range(20) if i not in dropped]
+    assert len(small.split.gallery) == 63 and len(g_keep) == 63
+    assert [small.split.gallery[i] for i in small.target.tolist()] == small.split.target
+    assert [small.split.gallery[i] for i in small.reference.tolist()] == small.split.reference
+    ranks = target_ranks(small, q[q_keep], g[g_keep])
+    assert ranks.shape == (len(q_keep),)

@@ -1,0 +1,317 @@
+"""RUIR's losses, uncertainty augmenter, schedule and tower selection against hand-computed values
+(methods/ruir.md §3-§5, §9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xmodal.methods.ruir import (
+    RUIR,
+    RUIRConfig,
+    UncertaintyAugmenter,
+    csu_loss,
+    csu_positives,
+    dr_loss,
+    isu_loss,
+    multistep_with_warmup,
+    uncertainty_calibration,
+)
+from xmodal.probabilistic import reparameterize
+
+
+def _ua(n=2, mode="stacked", d_in=6, d=4, dropout=0.5, logvar_init=-5.0):
+    return UncertaintyAugmenter(d_in, d, n, mode, 2, dropout, logvar_init, (-60.0, 20.0))
+
+
+# ----------------------------------------------------------------------------- ISU
+
+
+def test_isu_hand_computed():
+    # B = 2, tau = 0.5: logits row 0 = [2, sqrt(2)], row 1 = [0, sqrt(2)].
+    mu_s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mu_t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    r2 = math.sqrt(2)
+    expected = (math.log(1 + math.exp(r2 - 2)) + math.log(1 + math.exp(-r2))) / 2
+    assert isu_loss(mu_s[None], mu_t[None], 0.5).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_isu_with_zero_sigma_is_deterministic_infonce():
+    g = torch.Generator().manual_seed(0)
+    mu_s, mu_t = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    z_s = reparameterize(mu_s, torch.zeros_like(mu_s), 5, generator=g)
+    z_t = reparameterize(mu_t, torch.zeros_like(mu_t), 5, generator=g)
+    # PLI BatchBasedClassificationLoss.cal_loss(normalize(mu_s), normalize(mu_t), tau)
+    logits = F.normalize(mu_s, dim=-1) @ F.normalize(mu_t, dim=-1).T / 0.07
+    expected = F.cross_entropy(logits, torch.arange(6))
+    torch.testing.assert_close(isu_loss(z_s, z_t, 0.07), expected, rtol=0, atol=1e-6)
+    # noise raises the expected loss (Jensen): sigma > 0 is not the deterministic value
+    noisy = reparameterize(mu_s, torch.full_like(mu_s, 0.5), 5, generator=g)
+    assert not torch.isclose(isu_loss(noisy, z_t, 0.07), expected)
+
+
+def test_augmenter_with_vanishing_sigma_gives_infonce_in_train_mode():
+    """rho-bias -> -inf (sigma = e^-30): the sampled ranking lists equal the mean path, dropout
+    included (the mask is shared by the sample paths), so L_ISU = InfoNCE on (mu_s, mu_t)."""
+    torch.manual_seed(0)
+    src, tgt = _ua(logvar_init=-1e4).train(), _ua(d_in=4, logvar_init=-1e4).train()
+    a, b = src(torch.randn(5, 6), num_samples=3), tgt(torch.randn(5, 4), num_samples=3)
+    assert a.sigma.max() < 1e-12 and a.z.shape == (3, 5, 4)
+    torch.testing.assert_close(a.z, a.mu.expand(3, -1, -1), rtol=0, atol=1e-6)
+    deterministic = isu_loss(a.mu[None], b.mu[None], 0.07)
+    torch.testing.assert_close(isu_loss(a.z, b.z, 0.07), deterministic, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CSU
+
+
+def test_csu_positives_and_hand_computed_loss():
+    mu_t = torch.tensor([[1.0, 0.0], [0.96, 0.28], [0.0, 1.0]])  # cos(t0, t1) = 0.96
+    pos = csu_positives(mu_t, theta=0.9)
+    assert pos.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert ((pos.sum(1) - 1).float().mean()).item() == pytest.approx(2 / 3)
+    # query space: cos(mu_s^i, mu_t^j)
+    mu_s = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    assert csu_positives(mu_t, 0.9, mu_s).tolist() == [
+        [True, False, True],
+        [True, True, False],
+        [True, True, True],
+    ]
+    # every target positive, tau = 1, logits = I: each row -(1/2)(log p_0 + log p_1)
+    z = torch.eye(2)[None]
+    everything = torch.ones(2, 2, dtype=torch.bool)
+    assert csu_loss(z, z, everything, 1.0).item() == pytest.approx(math.log(1 + math.e) - 0.5)
+
+
+def test_csu_equals_isu_when_theta_above_one():
+    g = torch.Generator().manual_seed(1)
+    z_s, z_t = torch.randn(4, 7, 5, generator=g), torch.randn(4, 7, 5, generator=g)
+    mu_t = torch.randn(7, 5, generator=g)
+    mu_t[3] = mu_t[2]  # identical targets: cosine 1, still below theta = 1.01
+    pos = csu_positives(mu_t, theta=1.01)
+    assert torch.equal(pos, torch.eye(7, dtype=torch.bool))
+    assert torch.equal(csu_loss(z_s, z_t, pos, 0.07), isu_loss(z_s, z_t, 0.07))
+
+
+# ----------------------------------------------------------------------------- DR
+
+
+def test_dr_closed_form_and_identity():
+    mu_s, mu_t = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]])
+    s_s, s_t = torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 2.0]])
+    # normalised means (0.6, 0.8) vs (1, 0): 0.16 + 0.64; sigmas: 1
+    assert dr_loss(mu_s, s_s, mu_t, s_t).item() == pytest.approx(1.8)
+    assert dr_loss(mu_s, s_s, mu_t, s_t, normalized=False).item() == pytest.approx(4 + 16 + 1)
+    g = torch.Generator().manual_seed(2)
+    mu, sigma = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
+    assert dr_loss(mu, sigma, mu, sigma).item() == 0.0
+    mu2, sigma2 = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g)
+    closed = (
+        (F.normalize(mu, dim=-1) - F.normalize(mu2, dim=-1)).pow(2).sum(1)
+        + (sigma - sigma2).pow(2).sum(1)
+    ).mean()
+    torch.testing.assert_close(dr_loss(mu, sigma, mu2, sigma2), closed)
+
+
+@pytest.mark.parametrize("logvar_init", [-1e4, -60.0, 20.0, 1e4])
+def test_losses_and_gradients_finite_for_extreme_variances(logvar_init):
+    torch.manual_seed(3)
+    src, tgt = _ua(logvar_init=logvar_init).train(), _ua(d_in=4, logvar_init=logvar_init).train()
+    x_s, x_t = torch.randn(6, 6, requires_grad=True), torch.randn(6, 4)
+    a, b = src(x_s, num_samples=5), tgt(x_t, num_samples=5)
+    loss = (
+        isu_loss(a.z, b.z, 0.07)
+        + csu_loss(a.z, b.z, csu_positives(b.mu, 0.9), 0.07)
+        + dr_loss(a.mu, a.sigma, b.mu, b.sigma)
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in src.parameters() if p.grad is not None)
+    assert torch.isfinite(x_s.grad).all()
+
+
+# ----------------------------------------------------------------------------- augmenter
+
+
+def test_samples_match_mean_and_variance():
+    """Reparameterisation check (spec §9.4): 10^5 samples of one UA block have mean mu and
+    variance sigma^2."""
+    torch.manual_seed(4)
+    ua = _ua(n=1, dropout=0.0, logvar_init=-1.0).train()
+    out = ua(torch.randn(2, 6), num_samples=100_000)
+    torch.testing.assert_close(out.z.mean(0), out.mu, atol=0.01, rtol=0)
+    torch.testing.assert_close(out.z.var(0), out.sigma**2, atol=0.01, rtol=0.02)
+
+
+def test_parallel_mode_averages_the_heads():
+    torch.manual_seed(5)
+    ua = _ua(n=3, mode="parallel", dropout=0.0, logvar_init=-2.0).eval()
+    for block in ua.blocks:  # input-dependent variances
+        torch.nn.init.normal_(block.logvar.weight, std=0.3)
+    x = torch.randn(4, 6)
+    out = ua(x)
+    heads = [block(x[None]) for block in ua.blocks]
+    torch.testing.assert_close(out.mu, torch.stack([m[0] for m, _ in heads]).mean(0))
+    var = torch.stack([lv[0].exp() for _, lv in heads]).sum(0) / 9
+    torch.testing.assert_close(out.sigma, var.sqrt())
+    assert out.z is None
+
+
+def test_stacked_eval_is_deterministic_and_chains_the_means():
+    torch.manual_seed(6)
+    ua = _ua(n=2).eval()
+    x = torch.randn(3, 6)
+    a, b = ua(x), ua(x)
+    assert torch.equal(a.mu, b.mu) and a.z is None
+    mu1, _ = ua.blocks[0](x[None])
+    mu2, logvar2 = ua.blocks[1](mu1)
+    torch.testing.assert_close(a.mu, mu2[0])
+    torch.testing.assert_close(a.sigma, (logvar2[0] / 2).exp())
+    assert ua.blocks[0].logvar.bias.eq(-5.0).all() and ua.blocks[0].logvar.weight.eq(0).all()
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_multistep_with_warmup_matches_the_authors_schedule():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-5)
+    sched = multistep_with_warmup(opt, warmup_epochs=5, milestones=[35, 45], gamma=0.1)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [1e-5 * (0.01 + 0.99 * e / 5) for e in range(5)]
+    expected += [1e-5] * 30 + [1e-6] * 10 + [1e-7] * 5
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="method.milestones"):
+        multistep_with_warmup(opt, warmup_epochs=5, milestones=[45, 35], gamma=0.1)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from xmodal import backbones
+
+    return backbones.build("tiny_clip")
+
+
+def _trainable(module: RUIR) -> set[str]:
+    return {n for n, p in module.backbone.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("towers", ["both", "image", "text", "none"])
+def test_train_backbone_selects_the_towers(tiny_clip, towers):
+    from xmodal import backbones
+
+    model, _, _ = backbones.build("tiny_clip")
+    module = RUIR(model, 64, RUIRConfig(train_backbone=towers))
+    trainable = _trainable(module)
+    visual = {n for n in trainable if n.startswith("visual.")}
+    text = trainable - visual
+    assert bool(visual) == (towers in ("both", "image"))
+    assert bool(text) == (towers in ("both", "text"))
+    assert "logit_scale" not in trainable  # unused by RUIR
+
+
+def test_blip2_towers_share_the_qformer():
+    from xmodal import backbones
+
+    model, _, _ = backbones.build("tiny_blip2")
+    with pytest.raises(ValueError, match="train_backbone=image"):
+        RUIR(model, 16, RUIRConfig(train_backbone="image"))
+    module = RUIR(model, 16, RUIRConfig(train_backbone="both"))
+    trainable = _trainable(module)
+    assert any(n.startswith("qformer.") for n in trainable)
+    assert not any(n.startswith(("vision_model.", "itm_head.")) for n in trainable)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ua_mode", "serial"), ("csu_space", "image"), ("dr_on", "x"), ("train_backbone", "all")],
+)
+def test_bad_choice_names_the_key(tiny_clip, key, value):
+    with pytest.raises(ValueError, match=f"method.{key}"):
+        RUIR(tiny_clip[0], 64, RUIRConfig(**{key: value}))
+
+
+def test_baseline_freezes_the_variance_heads(tiny_clip):
+    module = RUIR(tiny_clip[0], 64, RUIRConfig(isu=False, csu=False, dr=False))
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert {f"source.blocks.{i}.logvar.weight" for i in range(2)} <= frozen
+    assert "source.blocks.0.mu.weight" not in frozen
+
+
+def test_training_step_is_finite_and_logs_the_extra_positives(tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    module = RUIR(model, 64, RUIRConfig(theta=-1.0))  # every target a CSU positive
+    logged = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
+    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    module.train()
+    batch = {
+        "reference": torch.randn(4, 3, 32, 32),
+        "target": torch.randn(4, 3, 32, 32),
+        "text": tokenizer(["a red circle", "a blue square", "two stars", "a green cross"]),
+    }
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert logged["train/csu_extra_positives"] == 3.0
+    assert set(logged) >= {"train/isu", "train/csu", "train/dr", "train/loss"}
+    assert loss.item() == pytest.approx(
+        logged["train/isu"] + logged["train/csu"] + logged["train/dr"], rel=1e-5
+    )
+    # every trainable parameter gets a gradient: DDP needs no find_unused_parameters
+    assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_baseline_step_uses_every_trainable_parameter(tiny_clip):
+    from xmodal import backbones
+
+    model, _, tokenizer = backbones.build("tiny_clip")
+    module = RUIR(model, 64, RUIRConfig(isu=False, csu=False, dr=False, ua_mode="parallel"))
+    module.log = module.log_dict = lambda *a, **kw: None
+    module.train()
+    batch = {
+        "reference": torch.randn(3, 3, 32, 32),
+        "target": torch.randn(3, 3, 32, 32),
+        "text": tokenizer(["a", "b", "c"]),
+    }
+    module.training_step(batch, 0).backward()
+    assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_uncertainty_calibration_hand_computed():
+    uncertainty = torch.tensor([0.1, 0.2, 0.8, 0.9])
+    ranks = torch.tensor([0, 0, 5, 20])  # the two surest queries are R@1 hits
+    out = uncertainty_calibration(uncertainty, ranks)
+    assert out["mean"] == pytest.approx(0.5)
+    # bins of increasing confidence have recalls 0, 0, 1, 1
+    assert out["k1/S"] == pytest.approx(-2 / math.sqrt(5))
+    assert out["k1/R2"] == pytest.approx(0.8)
+    assert out["k1/AUROC"] == pytest.approx(1.0)
+    # accepting the surest first: risks 0, 0, 1/3, 2/4
+    assert out["k1/AURC"] == pytest.approx((1 / 3 + 1 / 2) / 4)
+    assert out["k10/AUROC"] == pytest.approx(1.0)  # rank 5 is an R@10 hit, rank 20 is not
+
+
+def test_method_typo_fails_at_compose_time(xmodal_env):
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    from xmodal.config import compose
+
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
+        compose("train", ["experiment=ruir/shapes_cirr", "method.thetaa=0.5"])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose("train", ["experiment=ruir/shapes_cirr", "method.n_ua=two"])

@@ -1,0 +1,196 @@
+"""X-MoRe's ensemble against a per-sample sequential definition, and hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xmodal.evaluators.xmore import (
+    NORMALIZERS,
+    XMoReEvaluator,
+    caption_probs,
+    dedup,
+    ensemble,
+    fuse,
+    modal_weights,
+)
+from xmodal.metrics.classification import entropy_confidence
+
+# ------------------------------------------------------------------------------------------
+# The reference: one sample at a time, as the paper describes the test stream (and the released
+# code loops over it), with Python floats for the running statistics.
+# ------------------------------------------------------------------------------------------
+
+
+def sequential(image_logits, caption_logits, normalizer):
+    """Per-sample X-MoRe (methods/xmore.md §3-§7), written independently of the module."""
+    history_image, history_text = [], []
+    out = {k: [] for k in ("pred", "conf_image", "conf_text", "w_image", "w_text")}
+    for t in range(image_logits.shape[0]):
+        p_image = torch.softmax(image_logits[t], dim=-1)  # eq. image-modal probability
+        p_text = torch.softmax(caption_logits[t], dim=-1).mean(dim=0)  # mean of k softmaxes
+        alpha = entropy_confidence(p_image).item()  # 1 - H / ln C
+        beta = entropy_confidence(p_text).item()
+        history_image.append(alpha)
+        history_text.append(beta)
+        if normalizer == "equal":
+            w_image, w_text = 0.5, 0.5
+        elif normalizer == "none":
+            w_image, w_text = alpha, beta
+        elif normalizer == "l1":
+            w_image = alpha / max(running_sum(history_image), 1e-12)
+            w_text = beta / max(running_sum(history_text), 1e-12)
+        else:  # minmax over the history including the current sample
+            w_image = minmax_current(history_image)
+            w_text = minmax_current(history_text)
+            if w_image == 0.0 and w_text == 0.0:
+                w_image, w_text = 0.5, 0.5
+        fused = w_image * p_image.double() + w_text * p_text.double()
+        out["pred"].append(int(fused.argmax()))
+        for key, value in zip(
+            ("conf_image", "conf_text", "w_image", "w_text"), (alpha, beta, w_image, w_text)
+        ):
+            out[key].append(value)
+    return out
+
+
+def running_sum(history):
+    total = 0.0
+    for value in history:
+        total += value
+    return total
+
+
+def minmax_current(history):
+    low, high = min(history), max(history)
+    if high == low:  # the first sample, or a constant history: 0/0
+        return 0.5
+    return (history[-1] - low) / (high - low)
+
+
+def assert_exactly_equal(ours, reference):
+    assert ours["pred"].tolist() == reference["pred"]
+    for key in ("conf_image", "conf_text", "w_image", "w_text"):
+        assert ours[key].dtype == torch.float64
+        assert ours[key].tolist() == reference[key], key  # bit-for-bit, not approximately
+
+
+def random_stream(seed, samples=300, k=5, classes=11):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(samples, 1, generator=gen) * 8  # confident and unsure samples
+    image = torch.randn(samples, classes, generator=gen) * scale
+    captions = torch.randn(samples, k, classes, generator=gen) * scale[:, :, None]
+    return image, captions
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ensemble_equals_sequential_definition(normalizer, seed):
+    image, captions = random_stream(seed)
+    assert_exactly_equal(
+        ensemble(image, captions, normalizer), sequential(image, captions, normalizer)
+    )
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_ensemble_exact_with_ties_and_constant_histories(normalizer):
+    image, captions = random_stream(7, samples=40)
+    # a constant prefix (every range 0), repeated samples (tied minima and maxima), a uniform
+    # image prediction (confidence 0) and logits tied between classes (argmax tie rule)
+    image[:6], captions[:6] = image[0], captions[0]
+    image[10:20:3], captions[10:20:3] = image[9], captions[9]
+    image[25] = 0.0
+    image[30], captions[30] = 0.0, 0.0
+    image[30, :3], captions[30, :, :3] = 5.0, 5.0
+    ours = ensemble(image, captions, normalizer)
+    assert_exactly_equal(ours, sequential(image, captions, normalizer))
+    if normalizer == "minmax":
+        assert ours["w_image"][:6].tolist() == [0.5] * 6  # first sample + constant history
+    assert ours["pred"][30].item() == 0  # three tied classes: the lowest index
+
+
+def test_constant_stream_falls_back_to_equal_weights():
+    image = torch.tensor([[2.0, 0.0, 0.0]]).repeat(5, 1)
+    captions = torch.tensor([[[0.0, 1.0, 0.0]]]).repeat(5, 2, 1)
+    out = ensemble(image, captions, "minmax")
+    assert out["w_image"].tolist() == [0.5] * 5 and out["w_text"].tolist() == [0.5] * 5
+
+
+def test_hand_computed_weights():
+    # C = 2: uniform (conf 0), one-hot-ish, and p = (0.9, 0.1): conf = 1 - H / ln 2
+    conf_09 = 1 - (-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))) / math.log(2)
+    p_image = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]], dtype=torch.float64)
+    p_text = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.5, 0.5]], dtype=torch.float64)
+    conf = entropy_confidence(p_image)
+    assert conf.tolist() == pytest.approx([0.0, 1.0, conf_09], abs=1e-12)
+    minmax = fuse(p_image, p_text, "minmax")
+    # image: t1 0/0 -> 0.5; t2 (1-0)/(1-0) = 1; t3 (c-0)/(1-0) = c.
+    # text: t1, t2 constant -> 0.5; t3 is the new minimum -> 0 (image weight is not 0, kept)
+    assert minmax["w_image"].tolist() == pytest.approx([0.5, 1.0, conf_09])
+    assert minmax["w_text"].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert p_image[0].tolist() == [0.5, 0.5]  # the inputs are never modified
+    l1 = fuse(p_image, p_text, "l1")
+    assert l1["w_image"].tolist() == pytest.approx([0.0, 1.0, conf_09 / (1 + conf_09)])
+    assert l1["w_text"].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    # predictions: t1 image uniform -> text decides (class 0); t3 text weight 0 -> image (0)
+    assert minmax["pred"].tolist() == [0, 0, 0]
+
+
+def test_both_minmax_weights_zero_fall_back_to_equal():
+    conf_image = torch.tensor([0.8, 0.3, 0.1], dtype=torch.float64)  # the running minimum
+    conf_text = torch.tensor([0.6, 0.4, 0.2], dtype=torch.float64)  # ... for both
+    w_image, w_text = modal_weights(conf_image, conf_text, "minmax")
+    assert w_image.tolist() == [0.5, 0.5, 0.5] and w_text.tolist() == [0.5, 0.5, 0.5]
+    w_image, _ = modal_weights(conf_image, conf_text * 0 + torch.tensor([0.1, 0.9, 0.5]), "minmax")
+    assert w_image.tolist() == [0.5, 0.0, 0.0]  # text is not at its minimum: image keeps 0
+
+
+def test_caption_probability_is_mean_of_softmaxes():
+    logits = torch.tensor([[[10.0, 0.0], [0.0, 10.0], [0.0, 10.0]]])
+    p = caption_probs(logits)[0]
+    per_caption = torch.softmax(logits[0], dim=-1)
+    assert p.tolist() == pytest.approx(per_caption.mean(0).tolist())
+    assert p[1].item() == pytest.approx(2 / 3, abs=1e-4)  # not softmax of the mean logit (0.96)
+    assert torch.softmax(logits[0].mean(0), -1)[1].item() > 0.96
+
+
+def test_equal_normalizer_is_plain_average_and_none_uses_raw_confidences():
+    image, captions = random_stream(3, samples=50)
+    p_image, p_text = torch.softmax(image, -1), caption_probs(captions)
+    equal = fuse(p_image, p_text, "equal")
+    assert equal["pred"].tolist() == (p_image + p_text).argmax(1).tolist()
+    raw = fuse(p_image, p_text, "none")
+    assert raw["w_image"].tolist() == raw["conf_image"].tolist()
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="normalizer"):
+        modal_weights(torch.ones(2), torch.ones(2), "softmax")
+    with pytest.raises(ValueError, match=r"\[S, k, C\]"):
+        ensemble(torch.zeros(3, 4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="k <= evaluator.coarse_k"):
+        XMoReEvaluator(index={"folder": "x"}, coarse_k=8, k=16)
+    with pytest.raises(ValueError, match="normalizer"):
+        XMoReEvaluator(index={"folder": "x"}, normalizer="max")
+
+
+def test_dedup_keeps_first_occurrence_in_rank_order():
+    assert dedup(["b", "a", "b", "c", "a"]) == ["b", "a", "c"]
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"), [("xmore_fs", 20), ("xmore_imagenet", 10), ("xmore_ablation", 10)]
+)
+def test_paper_tables_name_real_experiments_and_columns(name, rows):
+    from xmodal.config import list_configs
+    from xmodal.tables import table_config
+
+    table = table_config(name)
+    experiments = set(list_configs("experiment", "xmore/*"))
+    columns = {c.key for c in table.columns}
+    assert len(table.rows) == rows
+    for row in table.rows:
+        assert row.experiment in experiments, row.label
+        assert set(row.paper) <= columns and all(0 < v < 100 for v in row.paper.values())

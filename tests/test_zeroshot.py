@@ -1,0 +1,92 @@
+"""Classification metrics on hand-computed cases and the zero-shot evaluator on the shapes world."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xmodal.config import compose
+from xmodal.evaluators.zeroshot import backbone_config, class_prompts
+from xmodal.metrics import (
+    entropy,
+    entropy_confidence,
+    mean_per_class_recall,
+    top1_accuracy,
+    topk_accuracy,
+)
+from xmodal.pipeline import evaluate
+
+SMALL = ["data.shapes_world=small", "trainer=cpu", "trainer.enable_progress_bar=false"]
+
+
+def test_topk_accuracy_hand_computed_with_ties():
+    scores = torch.tensor(
+        [
+            [0.1, 0.5, 0.5, 0.2],  # tie between 1 and 2: class 1 ranks first
+            [0.9, 0.0, 0.3, 0.2],
+            [0.0, 0.1, 0.2, 0.3],
+        ]
+    )
+    labels = torch.tensor([2, 0, 1])
+    acc = topk_accuracy(scores, labels, (1, 2, 3, 10))
+    assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0, 10: 1.0}
+    assert top1_accuracy(scores.argmax(1), labels) == pytest.approx(1 / 3)
+    assert top1_accuracy(torch.empty(0), torch.empty(0)) == 0.0
+    with pytest.raises(ValueError, match="labels must be long"):
+        top1_accuracy(torch.tensor([1, 2]), torch.tensor([1]))
+
+
+def test_mean_per_class_recall_hand_computed():
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    # recalls 3/4, 1/1, 1/2 over the classes present (class 3 absent)
+    assert mean_per_class_recall(pred, labels, 4) == pytest.approx((0.75 + 1 + 0.5) / 3)
+
+
+def test_entropy_and_confidence_hand_computed():
+    p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert entropy(p).tolist() == pytest.approx([math.log(4), 0.0, math.log(2)])
+    assert entropy_confidence(p).tolist() == pytest.approx([0.0, 1.0, 0.5])
+    assert not torch.isnan(entropy(p)).any()  # 0 log 0 = 0
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        entropy_confidence(torch.ones(3, 1))
+
+
+def test_class_prompts():
+    prompts = class_prompts(["american_bulldog", "Sea or Lake"], ["a photo of a {}.", "{c}!"])
+    assert prompts == [
+        "a photo of a american bulldog.",
+        "american bulldog!",
+        "a photo of a Sea or Lake.",
+        "Sea or Lake!",
+    ]
+    with pytest.raises(ValueError, match="has no"):
+        class_prompts(["x"], ["a photo"])
+
+
+def test_named_backbone_config_resolves_run_paths(xmodal_env):
+    cfg = compose("eval", [])
+    shapes = backbone_config(cfg, "tiny_clip_shapes")
+    assert shapes.pretrained == f"{xmodal_env['XMODAL_OUTPUT']}/checkpoints/tiny_clip_shapes.pt"
+    assert backbone_config(cfg, "openclip_vit_l_14_openai").quick_gelu is True
+    with pytest.raises(FileNotFoundError, match="available"):
+        backbone_config(cfg, "no_such_backbone")
+
+
+def test_zeroshot_evaluator_on_shapes(xmodal_env, shapes_world):
+    overrides = ["evaluator=zeroshot", "data=shapes_oxford_pets", "backbone=tiny_clip", *SMALL]
+    metrics = evaluate(compose("eval", overrides), overrides)
+    assert metrics["test/num_samples"] == 24 and metrics["test/num_classes"] == 8
+    assert metrics["test/skipped_images"] == 0
+    assert 0 <= metrics["test/acc1"] <= metrics["test/acc5"] <= 100
+    # 24 images: every accuracy is a multiple of 1/24
+    assert metrics["test/acc1"] * 24 / 100 == pytest.approx(round(metrics["test/acc1"] * 0.24))
+    assert 0 <= metrics["test/mean_per_class_recall"] <= 100
+
+
+def test_zeroshot_needs_a_classification_dataset(xmodal_env, shapes_world):
+    overrides = ["evaluator=zeroshot", "data=shapes_coco", "backbone=tiny_clip", *SMALL]
+    with pytest.raises(TypeError, match="classification dataset"):
+        evaluate(compose("eval", overrides), overrides)
