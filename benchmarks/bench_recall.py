@@ -31,30 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _memory import max_rss, rss
+
 NUM_IMAGES, CAPTIONS_PER_IMAGE, DIM = 5000, 5, 512
 KS = (1, 5, 10)
 CHUNK_SIZE = 2048  # 2048 x 5000 fp32 block = 40 MB: few parallel regions, still tiny vs naive
-
-
-def _rss_bytes() -> int:
-    """Current resident set size (Linux /proc), or the high-water mark elsewhere."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return _maxrss_bytes()
-
-
-def _maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _make_inputs(seed: int = 0):
@@ -103,10 +90,10 @@ def _variants() -> dict[str, Callable[[], dict[int, float]]]:
 def _memory(name: str) -> dict:
     """One run of one variant: extra resident memory at its peak, and its recall."""
     fn = _variants()[name]
-    baseline = _rss_bytes()
-    slack = _maxrss_bytes() - baseline
+    baseline = rss()
+    slack = max_rss() - baseline
     result = fn()
-    peak = _maxrss_bytes() - baseline
+    peak = max_rss() - baseline
     return {
         "peak_mb": peak / 2**20,
         "slack_mb": slack / 2**20,

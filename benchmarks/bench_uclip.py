@@ -33,35 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _memory import max_rss, rss
+
+from xmodal.evaluators.uclip import METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, CAPTIONS_PER_IMAGE, DIM, SAMPLES = 1000, 5, 256, 20
-METHODS = (
-    "top1_similarity",
-    "top1_consistency",
-    "top5_consistency",
-    "adversarial",
-    "adversarial_linear",
-)
 TARGET = 50.0  # official / ours wall time
-
-
-def _rss_bytes() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return _maxrss_bytes()
-
-
-def _maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _make_inputs(seed: int = 0):
@@ -127,12 +110,12 @@ def _memory(variant: str) -> dict:
 
     text, image, _ = _make_inputs()
     _reference()
-    baseline = _rss_bytes()
+    baseline = rss()
     if variant == "ours":
         _ours("all five", text, image)
     else:
         _reference().top1_similarity(list(text), list(image))
-    return {"peak_mb": (_maxrss_bytes() - baseline) / 2**20}
+    return {"peak_mb": (max_rss() - baseline) / 2**20}
 
 
 def _timing(repeats: int, fraction: float, threads: int) -> dict:

@@ -48,6 +48,55 @@ def test_train_writes_run_dir_checkpoints_and_export(pretrained):
         assert 0.0 <= metrics[key] <= 100.0
     assert (Path(pretrained.paths.checkpoint_dir) / "tiny_clip_shapes.pt").is_file()
     assert json.loads((run / "run.json").read_text())["status"] == "done"
+    # test_ckpt=best (default): the exported backbone holds the best checkpoint's weights
+    import torch
+
+    from xmodal.backbones.config import read_checkpoint
+
+    assert metrics["val/best/R@1"] >= metrics["val/R@1"] - 1e-6
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    exported, _ = read_checkpoint(Path(pretrained.paths.checkpoint_dir) / "tiny_clip_shapes.pt")
+    for name, value in exported.items():
+        torch.testing.assert_close(value, best["state_dict"][f"model.{name}"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("test_ckpt", ["best", "last"])
+def test_best_weights_after_fit_loads_the_monitored_best(tmp_path, test_ckpt):
+    """A run whose monitored metric peaks in epoch 0: with test_ckpt=best the module ends fit
+    with epoch 0's weights, with last it keeps the final ones."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from xmodal.pipeline import BestWeightsAfterFit
+
+    class Drifting(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1.0).pow(2).sum() + 0 * batch.sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/score", -float(self.current_epoch))  # best at epoch 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2)
+    checkpoint = ModelCheckpoint(tmp_path, filename="best", monitor="val/score", mode="max")
+    callbacks = [checkpoint] + ([BestWeightsAfterFit()] if test_ckpt == "best" else [])
+    trainer = pl.Trainer(
+        max_epochs=3, logger=False, callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    module = Drifting()
+    trainer.fit(module, data, data)
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert saved["epoch"] == 0
+    after_epoch0 = saved["state_dict"]["w"]
+    assert torch.equal(module.w.detach(), after_epoch0) == (test_ckpt == "best")
 
 
 def test_eval_with_pretrained_backbone_then_skip_then_force(pretrained, xmodal_env):

@@ -349,7 +349,7 @@ def test_skip_and_zero_token_text_passes_differ(tiny):
 
 def test_paper_trains_qformer_and_a_b_official_trains_only_the_estimators(tiny):
     model, _, pixels, tokens = tiny
-    batch = {"reference": pixels, "target": pixels.flip(0), "tokens": tokens}
+    batch = {"reference": pixels, "target": pixels.flip(0), "text": tokens}
     paper = make_hug(model)
     paper.log = lambda *a, **k: None
     paper.training_step(batch, 0).backward()
@@ -382,9 +382,7 @@ def test_ablation_rows_train_and_use_every_parameter(tiny, flags):
     model, _, pixels, tokens = tiny
     hug = make_hug(model, **flags)
     hug.log = lambda *a, **k: None
-    hug.training_step(
-        {"reference": pixels, "target": pixels.flip(0), "tokens": tokens}, 0
-    ).backward()
+    hug.training_step({"reference": pixels, "target": pixels.flip(0), "text": tokens}, 0).backward()
     unused = [n for n, p in hug.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused  # DDP without find_unused_parameters needs every parameter used
     with torch.no_grad():
@@ -432,11 +430,26 @@ def test_ranking_uses_the_expected_distance_chunked():
 
 
 def test_blip_caption_text():
-    from xmodal.data.hug_data import blip_caption, hug_text
+    from xmodal.data.base import CIRSplit
+    from xmodal.data.cir import blip_caption, query_texts, training_texts
 
-    assert hug_text(["Is Red.", "has (long) sleeves!"]) == "is red , has long sleeves"
     assert blip_caption("a  b;c") == "a b c"
     assert blip_caption(" ".join(["w"] * 60)) == " ".join(["w"] * 50)
+    split = CIRSplit(
+        name="fiq",
+        protocol="clip4cir",
+        reference=["r"],
+        text=["is red and has long sleeves"],
+        target=["t"],
+        gallery=["r", "t"],
+        name_to_path={},
+        remove_reference=False,
+        captions=[["Is Red.", "has (long) sleeves!"]],
+    )
+    # HUG trains and queries with the same cleaned text; max_words cuts it
+    assert query_texts(split, "blip_caption") == ["is red , has long sleeves"]
+    assert training_texts(split, "blip_caption", max_words=3) == [(0, "is red ,")]
+    assert query_texts(split, "both_orders") == split.text
 
 
 # ------------------------------------------------------------------------ runs on the shapes world
@@ -463,8 +476,10 @@ def test_cirr_run_writes_val_metrics_and_test1_submission(xmodal_env, shapes_wor
         assert 0 <= metrics[key] <= 100, key
     assert metrics["val/avg"] == pytest.approx((metrics["val/R@5"] + metrics["val/Rs@1"]) / 2)
     split = load(shapes_world / "cirr", "test1")
-    recall = json.loads((run / "submission" / "recall_submission_hug.json").read_text())
-    subset = json.loads((run / "submission" / "recall_subset_submission_hug.json").read_text())
+    recall = json.loads((run / "submission" / "recall_submission_cirr_test1.json").read_text())
+    subset = json.loads(
+        (run / "submission" / "recall_subset_submission_cirr_test1.json").read_text()
+    )
     assert (recall.pop("version"), recall.pop("metric")) == ("rc2", "recall")
     assert (subset.pop("version"), subset.pop("metric")) == ("rc2", "recall_subset")
     assert set(recall) == set(subset) == {str(p) for p in split.pair_ids}
@@ -502,7 +517,7 @@ def test_cli_fashioniq_run_writes_metrics_and_uncertainties(xmodal_env, shapes_w
     assert metrics["test/ms_per_query"] > 0 and "val/avg" in metrics
     assert (run / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader((run / "uncertainty_test.csv").open()))
-    assert len(rows) == sum(metrics[f"test/{c}/queries"] for c in ("dress", "shirt", "toptee"))
+    assert len(rows) == sum(metrics[f"test/{c}/num_queries"] for c in ("dress", "shirt", "toptee"))
     assert all(float(r["sigma_q2"]) > 0 and int(r["rank"]) >= 0 for r in rows)
     module = load_run(run)  # the checkpoint alone rebuilds the model (its ViT left out)
     assert isinstance(module, HUG) and not module.training

@@ -20,7 +20,7 @@ def section(demo) -> None:
         cells = [m[f"test/{c}/R@{k}"] for c in cats for k in (10, 50)]
         cells += [m["test/avg/R@10"], m["test/avg/R@50"], m["test/avg"], m["test/ms_per_query"]]
         rows.append([label] + [f"{x:.1f}" if i < 9 else f"{x:.2f}" for i, x in enumerate(cells)])
-    gallery = fiq["trained"]["test/dress/gallery"]
+    gallery = fiq["trained"]["test/dress/num_gallery"]
     rows.append(["chance (dress)", f"{1000 / gallery:.1f}", f"{5000 / gallery:.1f}"] + [""] * 10)
     demo.table(
         "HUG on the shapes world, FashionIQ format (val, protocol clip4cir), Recall@K in %",

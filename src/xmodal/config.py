@@ -231,6 +231,7 @@ class _BaseRunConfig:
 class TrainRunConfig(_BaseRunConfig):
     method: Any = MISSING
     test_after_fit: bool = True
+    test_ckpt: str = "best"  # best | last: the weights tested (and exported) after fit
 
 
 @dataclass

@@ -42,12 +42,42 @@ class ConfigInCheckpoint(pl.Callback):
         checkpoint["xmodal_config"] = self.config
 
 
+def monitored_checkpoint(trainer: pl.Trainer) -> Any:
+    """The ModelCheckpoint that keeps the best weights by the method's monitor (or None)."""
+    return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+
+
+class BestWeightsAfterFit(pl.Callback):
+    """``test_ckpt=best``: when fit ends, load the best checkpoint's weights (by the method's
+    ``monitor``) on every rank, so the test and whatever the method exports at fit end (the
+    pretrained backbone) use them. Without a best checkpoint (no monitor, ``max_epochs=0``) the
+    last weights stay."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        callback = monitored_checkpoint(trainer)
+        best = callback.best_model_path if callback is not None else ""
+        if not best or not Path(best).is_file():
+            return
+        state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
+        pl_module.load_state_dict(state)
+        log.info("test_ckpt=best: using %s (%s = %.4g)", best, callback.monitor,
+                 float(callback.best_model_score))  # fmt: skip
+
+
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
-        kwargs["callbacks"] = [*_instantiate_group(cfg.get("callbacks")), ConfigInCheckpoint(cfg)]
+        callbacks = [*_instantiate_group(cfg.get("callbacks")), ConfigInCheckpoint(cfg)]
+        test_ckpt = cfg.get("test_ckpt", "best")
+        if test_ckpt not in ("best", "last"):
+            raise ValueError(f"test_ckpt must be best or last, got {test_ckpt!r}")
+        if test_ckpt == "best":
+            callbacks.append(BestWeightsAfterFit())
+        kwargs["callbacks"] = callbacks
     else:
         # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler)
         kwargs.update(logger=False, enable_checkpointing=False, use_distributed_sampler=False)
@@ -144,6 +174,9 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         metrics: dict[str, Any] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
         }
+        best = monitored_checkpoint(trainer)
+        if best is not None and best.best_model_score is not None:  # the epoch test_ckpt=best uses
+            metrics[f"val/best/{best.monitor.split('/', 1)[-1]}"] = float(best.best_model_score)
         if cfg.get("test_after_fit", True):
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(

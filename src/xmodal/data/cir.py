@@ -36,7 +36,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from xmodal.data.base import CIRSplit
-from xmodal.data.datamodule import load_split
+from xmodal.data.datamodule import load_split, train_loader
+from xmodal.retrieval.search import DEFAULT_CHUNK_SIZE
 
 #: How a training triplet's text is built from its captions (datasets/cir.md §1.2):
 #:
@@ -47,7 +48,7 @@ from xmodal.data.datamodule import load_split
 #:   (p = 1/4 each, captions stripped of ".?, ", the first capitalised).
 #: - ``fixed``: the protocol's evaluation text (clip4cir: "C1 and c2"; val: own + sibling caption).
 #: - ``blip_caption``: HUG's, the captions joined with ", " then LAVIS' ``blip_caption`` cleaning
-#:   (:func:`blip_caption`).
+#:   (:func:`blip_caption`); the evaluation queries use the same text (:func:`query_texts`).
 #:
 #: A CIRR triplet has a single caption, used raw in every mode but ``blip_caption``.
 TEXT_MODES = ("both_orders", "random", "fixed", "blip_caption")
@@ -72,15 +73,16 @@ def random_fiq_text(captions: Sequence[str], rng: random.Random) -> str:
                        c1.capitalize(), c2.capitalize()])  # fmt: skip
 
 
-def training_texts(split: CIRSplit, mode: str) -> list[tuple[int, str | None]]:
+def training_texts(split: CIRSplit, mode: str, max_words: int = 50) -> list[tuple[int, str | None]]:
     """The training samples of ``split`` as ``(triplet index, text)``; text None means "draw a
-    random one each time" (``mode="random"``). See :data:`TEXT_MODES`."""
+    random one each time" (``mode="random"``). See :data:`TEXT_MODES`; ``max_words`` cuts the
+    ``blip_caption`` texts."""
     if mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {mode!r}")
     samples: list[tuple[int, str | None]] = []
     for i, captions in enumerate(split.captions):
         if mode == "blip_caption":
-            samples.append((i, blip_caption(", ".join(captions))))
+            samples.append((i, blip_caption(", ".join(captions), max_words)))
         elif len(captions) < 2:  # CIRR: the caption as is
             samples.append((i, captions[0]))
         elif mode == "random":
@@ -91,6 +93,15 @@ def training_texts(split: CIRSplit, mode: str) -> list[tuple[int, str | None]]:
             c1, c2 = captions[:2]
             samples += [(i, f"{c1} and {c2}"), (i, f"{c2} and {c1}")]
     return samples
+
+
+def query_texts(split: CIRSplit, mode: str, max_words: int = 50) -> list[str]:
+    """The evaluation text of each query: the protocol's (``split.text``), or under
+    ``mode="blip_caption"`` the query's captions cleaned the way the model was trained (HUG)."""
+    if mode != "blip_caption":
+        return list(split.text)
+    captions = split.captions or [[t] for t in split.text]
+    return [blip_caption(", ".join(c), max_words) for c in captions]
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -129,7 +140,12 @@ class TripletDataset(Dataset):
     where ``index`` numbers the samples of this dataset."""
 
     def __init__(
-        self, splits: Sequence[CIRSplit], text_mode: str, pixels: PixelStore, seed: int = 0
+        self,
+        splits: Sequence[CIRSplit],
+        text_mode: str,
+        pixels: PixelStore,
+        seed: int = 0,
+        max_words: int = 50,
     ) -> None:
         self.rows: list[tuple[CIRSplit, int, str | None]] = []
         for split in splits:
@@ -138,7 +154,8 @@ class TripletDataset(Dataset):
                     f"{split.name}: this split has no targets (labels withheld) and cannot be "
                     "trained on; set data.train_split to a labelled split (train)."
                 )
-            self.rows += [(split, i, text) for i, text in training_texts(split, text_mode)]
+            texts = training_texts(split, text_mode, max_words)
+            self.rows += [(split, i, text) for i, text in texts]
         self.pixels = pixels
         self.rng = random.Random(seed)
 
@@ -176,18 +193,19 @@ class GalleryDataset(Dataset):
 class QueryDataset(Dataset):
     """The queries of a subset: ``(index, text)``, or ``(index, ref_pixels, text)``."""
 
-    def __init__(self, subset: EvalSubset, pixels: PixelStore | None) -> None:
+    def __init__(self, subset: EvalSubset, texts: Sequence[str], pixels: PixelStore | None) -> None:
         self.subset = subset
+        self.texts = list(texts)
         self.pixels = pixels
 
     def __len__(self) -> int:
-        return len(self.subset.split.text)
+        return len(self.texts)
 
     def __getitem__(self, index: int) -> tuple:
         split = self.subset.split
         if self.pixels is None:
-            return index, split.text[index]
-        return index, self.pixels(split.name_to_path[split.reference[index]]), split.text[index]
+            return index, self.texts[index]
+        return index, self.pixels(split.name_to_path[split.reference[index]]), self.texts[index]
 
 
 # ----------------------------------------------------------------------------- evaluation views
@@ -297,6 +315,7 @@ def target_ranks(
     *,
     score_fn: Callable | None = None,
     largest: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """0-based rank of each query's target (reference excluded when the protocol removes it)."""
     from xmodal.retrieval.search import rank_of
@@ -305,7 +324,13 @@ def target_ranks(
         raise ValueError(f"{subset.split.name} has no targets (labels withheld)")
     exclude = subset.reference if subset.split.remove_reference else None
     return rank_of(
-        queries, gallery, subset.target, exclude=exclude, score_fn=score_fn, largest=largest
+        queries,
+        gallery,
+        subset.target,
+        exclude=exclude,
+        score_fn=score_fn,
+        largest=largest,
+        chunk_size=chunk_size,
     )
 
 
@@ -316,6 +341,7 @@ def subset_metrics(
     *,
     score_fn: Callable | None = None,
     largest: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> dict[str, float]:
     """Protocol metrics of one subset in percent, keys without the stage prefix.
 
@@ -327,7 +353,9 @@ def subset_metrics(
     from xmodal.metrics.retrieval import cirr_recall_from_embeddings, recall_from_ranks
 
     if subset.family == "fashioniq":
-        ranks = target_ranks(subset, queries, gallery, score_fn=score_fn, largest=largest)
+        ranks = target_ranks(
+            subset, queries, gallery, score_fn=score_fn, largest=largest, chunk_size=chunk_size
+        )
         recall = recall_from_ranks(ranks, FIQ_KS)
         return {f"{subset.prefix}R@{k}": 100.0 * v for k, v in recall.items()}
     metrics = cirr_recall_from_embeddings(
@@ -340,6 +368,7 @@ def subset_metrics(
         CIRR_SUBSET_KS,
         score_fn=score_fn,
         largest=largest,
+        chunk_size=chunk_size,
     )
     out = {f"{subset.prefix}{k}": 100.0 * v for k, v in metrics.items()}
     out[f"{subset.prefix}avg"] = (out[f"{subset.prefix}R@5"] + out[f"{subset.prefix}Rs@1"]) / 2
@@ -385,6 +414,7 @@ def cirr_submission(
     subset_k: int = 3,
     score_fn: Callable | None = None,
     largest: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The two CIRR test-server files (datasets/cir.md §2.3) as dicts.
 
@@ -396,8 +426,9 @@ def cirr_submission(
         raise ValueError(f"{subset.split.name}: a CIRR submission needs pair ids and image sets")
     k = min(k, len(subset.split.gallery) - 1)
     top, best_members = _ranked_lists(
-        subset, queries, gallery, k, subset_k, score_fn=score_fn, largest=largest
-    )
+        subset, queries, gallery, k, subset_k, score_fn=score_fn, largest=largest,
+        chunk_size=chunk_size,
+    )  # fmt: skip
     names = subset.split.gallery
     recall: dict[str, Any] = {"version": "rc2", "metric": "recall"}
     recall_subset: dict[str, Any] = {"version": "rc2", "metric": "recall_subset"}
@@ -444,10 +475,17 @@ class CIRDataModule(pl.LightningDataModule):
         data_cfg: the ``data`` config (family fashioniq or cirr; ``train_split``, ``val_split``,
             ``split``, ``categories``, ``protocol``, ``remove_reference``, ``preload`` ...).
         preprocess: image transform of the backbone; tokenizer: its tokenizer.
-        text_mode: training text (:data:`TEXT_MODES`).
+        text_mode: training text (:data:`TEXT_MODES`); ``blip_caption`` also sets the queries'.
         query_images: query loaders also yield the reference pixels.
         extra_test_splits: further splits evaluated at test time (CIRR ``test1``, for the
             submission files); subsets keep the split name as key.
+        train_preprocess: transform of the training images (augmentation); default
+            ``preprocess``. With ``data.preload`` training images are decoded once with
+            ``preprocess`` instead (a preloaded augmentation would be frozen).
+        max_words: length cut of the ``blip_caption`` texts.
+
+    ``data.batch_size`` is the global training batch, split over the processes, so 1 and N
+    processes see the same batches (:func:`xmodal.data.datamodule.train_loader`).
     """
 
     def __init__(
@@ -460,6 +498,8 @@ class CIRDataModule(pl.LightningDataModule):
         query_images: bool = False,
         extra_test_splits: Sequence[str] = (),
         seed: int = 0,
+        train_preprocess: Callable | None = None,
+        max_words: int = 50,
     ) -> None:
         super().__init__()
         if text_mode not in TEXT_MODES:
@@ -472,7 +512,11 @@ class CIRDataModule(pl.LightningDataModule):
         self.query_images = query_images
         self.extra_test_splits = [s for s in extra_test_splits if s and s != data_cfg.split]
         self.seed = seed
+        self.max_words = max_words
         self.pixels = PixelStore(preprocess, preload=bool(data_cfg.preload))
+        self.train_pixels = self.pixels
+        if train_preprocess is not None and not data_cfg.preload:
+            self.train_pixels = PixelStore(train_preprocess)
         self.train_set: TripletDataset | None = None
         self.val_subsets: list[EvalSubset] = []
         self.test_subsets: list[EvalSubset] = []
@@ -500,8 +544,12 @@ class CIRDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             train = list(self.load(self.cfg.train_split).values())
-            self.train_set = TripletDataset(train, self.text_mode, self.pixels, self.seed)
-            self.pixels.warm([s.name_to_path[n] for s in train for n in s.reference + s.target])
+            self.train_set = TripletDataset(
+                train, self.text_mode, self.train_pixels, self.seed, self.max_words
+            )
+            self.train_pixels.warm(
+                [s.name_to_path[n] for s in train for n in s.reference + s.target]
+            )
         if stage in (None, "fit", "validate") and not self.val_subsets and self.cfg.val_split:
             self.val_subsets = self._eval_subsets(self.cfg.val_split, is_main=True)
         if stage in (None, "test") and not self.test_subsets:
@@ -526,16 +574,14 @@ class CIRDataModule(pl.LightningDataModule):
         return idx, tokens
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.train_set
-        return DataLoader(
-            ds,
-            batch_size=self.cfg.batch_size,
-            shuffle=True,
-            # contrastive losses want full batches: drop the ragged last one unless it is the only
-            drop_last=len(ds) > self.cfg.batch_size,
-            num_workers=self.cfg.num_workers,
-            collate_fn=self._collate_train,
-            persistent_workers=self.cfg.num_workers > 0,
+        # contrastive losses want full batches: the ragged last one is dropped unless the only one
+        return train_loader(
+            self.train_set,
+            self.cfg.batch_size,
+            self.trainer,
+            self.seed,
+            self._collate_train,
+            self.cfg.num_workers,
         )
 
     def _eval_loaders(self, subsets: list[EvalSubset]) -> list[DataLoader]:
@@ -544,7 +590,8 @@ class CIRDataModule(pl.LightningDataModule):
         loaders = []
         for subset in subsets:
             gallery = GalleryDataset(subset.gallery_paths, self.pixels, self.cfg.on_corrupt)
-            queries = QueryDataset(subset, self.pixels if self.query_images else None)
+            texts = query_texts(subset.split, self.text_mode, self.max_words)
+            queries = QueryDataset(subset, texts, self.pixels if self.query_images else None)
             loaders += [
                 DataLoader(gallery, **kw),
                 DataLoader(queries, collate_fn=self._collate_queries, **kw),

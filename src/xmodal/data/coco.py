@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 from xmodal.data.base import RetrievalSplit
-from xmodal.data.images import Layout, tar_ref
+from xmodal.data.images import Layout, tar_ref, wds_samples
 
 FORMATS = ("auto", "karpathy", "wds")
 SPLITS = ("train", "val", "test")
@@ -108,26 +108,8 @@ def load_wds(split_dir: Path, name: str, layout: Layout) -> RetrievalSplit:
 
 
 def _wds_samples(shard: Path, layout: Layout) -> dict[str, dict[str, str]]:
-    """Group a shard's members by webdataset key (basename up to the first dot), in tar order.
-
-    Values map extension -> member name, except ``txt`` which maps to the decoded text.
-    """
-    samples: dict[str, dict[str, str]] = {}
+    """:func:`xmodal.data.images.wds_samples`, a broken shard reported as a layout error."""
     try:
-        with tarfile.open(shard) as tar:
-            for info in tar:
-                folder, _, base = info.name.rpartition("/")
-                if not info.isfile() or "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = f"{folder}/{stem}" if folder else stem
-                ext = ext.lower()
-                value = info.name
-                if ext == "txt":
-                    fh = tar.extractfile(info)
-                    assert fh is not None
-                    value = fh.read().decode("utf-8")
-                samples.setdefault(key, {})[ext] = value
+        return wds_samples(shard)
     except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
         raise layout.error(f"malformed tar shard {shard}: {exc}") from None
-    return samples

@@ -47,6 +47,28 @@ def split_tar_ref(ref: ImageRef) -> tuple[str, str] | None:
     return shard, member
 
 
+def wds_samples(shard: Path | str) -> dict[str, dict[str, str]]:
+    """A webdataset shard's members grouped by sample key (folder + basename up to the first
+    dot), in tar order: ``key -> {lowercased extension: member name}``, except ``txt`` and
+    ``json`` members, which map to their decoded text. Raises ``tarfile.TarError``, ``OSError``
+    or ``UnicodeDecodeError`` on a broken shard (callers name the file in their error)."""
+    samples: dict[str, dict[str, str]] = {}
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            folder, _, base = info.name.rpartition("/")
+            if not info.isfile() or "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            ext = ext.lower()
+            value = info.name
+            if ext in ("txt", "json"):
+                fh = tar.extractfile(info)
+                assert fh is not None
+                value = fh.read().decode("utf-8")
+            samples.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext] = value
+    return samples
+
+
 def tar_ref(shard: Path | str, member: str) -> str:
     """Build the reference of ``member`` inside the tar ``shard``."""
     return f"{shard}{TAR_SEP}{member}"

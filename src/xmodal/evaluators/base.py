@@ -54,5 +54,19 @@ class EvalContext:
         return {"batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers}
 
 
+def dataset_split(ctx: EvalContext, kind: type, evaluator: str, what: str) -> Any:
+    """The run's dataset (``load_split(cfg.data)``), which must be a ``kind`` split; otherwise a
+    TypeError saying that ``evaluator`` needs ``what`` (the datasets that are)."""
+    from xmodal.data.datamodule import load_split
+
+    split = load_split(ctx.cfg.data)
+    if not isinstance(split, kind):
+        raise TypeError(
+            f"evaluator={evaluator} needs {what}, got data={ctx.cfg.data.name} of family "
+            f"{ctx.cfg.data.family}"
+        )
+    return split
+
+
 def config_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

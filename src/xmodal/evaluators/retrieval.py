@@ -70,16 +70,12 @@ class RetrievalEvaluator:
         self.use_cache = cache
 
     def evaluate(self, ctx: EvalContext) -> dict[str, Any]:
-        from xmodal.data.datamodule import load_split
         from xmodal.data.images import ImageDataset
+        from xmodal.evaluators.base import dataset_split
         from xmodal.retrieval.encode import TextDataset, encode_cached, text_collate
 
-        split = load_split(ctx.cfg.data)
-        if not isinstance(split, RetrievalSplit):
-            raise TypeError(
-                f"evaluator=retrieval needs an image-text dataset (coco, flickr30k), "
-                f"got data={ctx.cfg.data.name} of family {ctx.cfg.data.family}"
-            )
+        what = "an image-text dataset (coco, flickr30k)"
+        split = dataset_split(ctx, RetrievalSplit, "retrieval", what)
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         images = ImageDataset(split.image_paths, ctx.preprocess, on_corrupt=ctx.cfg.data.on_corrupt)
         image_emb, valid = encode_cached(

@@ -749,15 +749,11 @@ class UCLIPEvaluator:
     def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Posterior samples of the split (cached), then every metric; plots on rank 0."""
         from xmodal.data.base import RetrievalSplit
-        from xmodal.data.datamodule import load_split
+        from xmodal.evaluators.base import dataset_split
         from xmodal.evaluators.retrieval import drop_invalid_images
 
-        split = load_split(ctx.cfg.data)
-        if not isinstance(split, RetrievalSplit):
-            raise TypeError(
-                f"evaluator=uclip needs an image-text dataset (coco, flickr30k), got "
-                f"data={ctx.cfg.data.name} of family {ctx.cfg.data.family}"
-            )
+        what = "an image-text dataset (coco, flickr30k)"
+        split = dataset_split(ctx, RetrievalSplit, "uclip", what)
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         text, image, valid = self.posterior_samples(ctx, split)
         if not ctx.is_rank_zero:

@@ -197,15 +197,10 @@ def build_classifier(
 
 def classification_split(ctx: EvalContext, evaluator: str) -> ClassificationSplit:
     """The run's dataset, which must be a classification test set (ImageNet*, CoOp)."""
-    from xmodal.data.datamodule import load_split
+    from xmodal.evaluators.base import dataset_split
 
-    split = load_split(ctx.cfg.data)
-    if not isinstance(split, ClassificationSplit):
-        raise TypeError(
-            f"evaluator={evaluator} needs a classification dataset (imagenet*, the CoOp sets or "
-            f"their shapes_* copies), got data={ctx.cfg.data.name} of family {ctx.cfg.data.family}"
-        )
-    return split
+    what = "a classification dataset (imagenet*, the CoOp sets or their shapes_* copies)"
+    return dataset_split(ctx, ClassificationSplit, evaluator, what)
 
 
 def image_logits(

@@ -21,21 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from xmodal.data.datamodule import ImageTextDataModule, load_split
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank in rank order, keeping gradients to each rank's part.
-
-    With it every rank computes the loss of the whole global batch, and DDP's gradient averaging
-    then gives exactly the single-process gradient (see ``ClipPretrain.training_step``).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x))
+from xmodal.distributed import gather_by_index, gather_with_grad
 
 
 def clip_loss(
@@ -176,13 +162,7 @@ class ClipPretrain(pl.LightningModule):
         """Embeddings in dataset order, with DistributedSampler padding duplicates removed."""
         idx = torch.cat([i for i, _ in self._outputs[dataloader_idx]])
         emb = torch.cat([e for _, e in self._outputs[dataloader_idx]])
-        if self.trainer.world_size > 1:
-            idx = self.all_gather(idx).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-        n = int(idx.max()) + 1
-        out = torch.empty(n, emb.shape[-1], device=emb.device)
-        out[idx] = emb  # duplicates carry identical embeddings
-        return out.cpu()
+        return gather_by_index(self, idx, {"emb": emb})[0]["emb"].cpu()
 
     def _retrieval_epoch_end(self, prefix: str, split_name: str | None) -> None:
         from xmodal.evaluators.retrieval import image_text_recall

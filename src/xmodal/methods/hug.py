@@ -28,7 +28,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,20 +39,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from xmodal.methods.clip_pretrain import gather_with_grad
+from xmodal.distributed import gather_by_index, gather_with_grad
 from xmodal.probabilistic import expected_distance
 
 if TYPE_CHECKING:
-    from xmodal.data.hug_data import EvalBlock
+    from xmodal.data.cir import CIRDataModule, EvalSubset
 
 log = logging.getLogger("xmodal")
 
 VARIANTS = ("paper", "official")
 TEXT_PASSES = ("skip", "zero_token", "cls")  # hug.md §2 options (a), (b), (c)
 FC_NEGATIVES = ("component", "instance", "modality")
-FIQ_KS = (10, 50)
-CIRR_KS = (1, 5, 10, 50)
-CIRR_SUBSET_KS = (1, 2, 3)
 
 
 @dataclass
@@ -405,6 +402,24 @@ def _distance_score(queries: Tensor, gallery: Tensor) -> Tensor:
     return expected_distance(queries[:, 0], queries[:, 1], gallery[:, 0], gallery[:, 1])
 
 
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """HUG's training augmentation (released code): Resize(size, size) bicubic, horizontal flip
+    (p = 0.5), ColorJitter(0.1, 0.1, 0.1), CLIP normalisation; evaluation uses the backbone's
+    own preprocessing."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(0.5),
+            transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The LightningModule
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +462,7 @@ class HUG(pl.LightningModule):
                     self.fc_b = nn.Parameter(torch.tensor(0.0))
         if hp.granularity == "global":
             self.gpo_q, self.gpo_c = GPO(), GPO()
-        self._outputs: dict[str, list[dict[str, Tensor]]] = {}
+        self._outputs: dict[int, list[dict[str, Tensor]]] = {}
         self._query_seconds, self._local_queries = 0.0, 0
         self.extra_metrics: dict[str, Any] = {}
 
@@ -476,11 +491,13 @@ class HUG(pl.LightningModule):
         return hp
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> tuple[HUG, Any]:
-        """The module and its datamodule (``xmodal.data.hug_data.HUGDataModule``) of a run."""
+    def from_config(cls, cfg: DictConfig) -> tuple[HUG, CIRDataModule]:
+        """The module and its CIR datamodule (``xmodal.data.cir``) of a composed config: HUG's
+        texts are the captions joined with ", " and cleaned by ``blip_caption``, for training
+        and for the queries; queries carry the reference pixels."""
         from xmodal import backbones
         from xmodal.backbones.blip2 import Blip2QFormer
-        from xmodal.data.hug_data import HUGDataModule, train_transform
+        from xmodal.data.cir import CIRDataModule
 
         model, preprocess, tokenizer = backbones.build(cfg.backbone)
         if not isinstance(model, Blip2QFormer):
@@ -499,8 +516,15 @@ class HUG(pl.LightningModule):
         )
         pre = model.preprocess_cfg
         train_tf = train_transform(pre["size"], pre["mean"], pre["std"]) if hp.augment else None
-        datamodule = HUGDataModule(
-            cfg.data, preprocess, train_tf or preprocess, tokenizer, hp.max_words, cfg.seed
+        datamodule = CIRDataModule(
+            cfg.data,
+            preprocess,
+            tokenizer,
+            text_mode="blip_caption",
+            query_images=True,
+            seed=cfg.seed,
+            train_preprocess=train_tf,
+            max_words=hp.max_words,
         )
         return module, datamodule
 
@@ -573,7 +597,7 @@ class HUG(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         hp = self.hp
-        q = self.encode_query(batch["reference"], batch["tokens"])  # eqs 2, 6-8, 10-11
+        q = self.encode_query(batch["reference"], batch["text"])  # eqs 2, 6-8, 10-11
         mu_c, sigma_c = self.encode_target(batch["target"])  # eqs 3-4
         if not hp.prob:  # Table 3 row 0: point matching
             loss = info_nce(gather_with_grad(q.mu), gather_with_grad(mu_c), hp.point_temperature)
@@ -581,7 +605,7 @@ class HUG(pl.LightningModule):
             return loss
         sigma_m_mismatched = None
         if q.sigma_m is not None and hp.lambda_cord:  # x'_t: a text of this process's batch
-            sigma_m_mismatched = self.mismatched_sigma_m(q.image_embeds, batch["tokens"])
+            sigma_m_mismatched = self.mismatched_sigma_m(q.image_embeds, batch["text"])
         learnt = {} if self.official else {"a": self.hc_a, "b": self.hc_b}
         if hasattr(self, "fc_a"):
             learnt.update(a_fc=self.fc_a, b_fc=self.fc_b)
@@ -661,13 +685,17 @@ class HUG(pl.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
-        if dataloader_idx == 0:  # gallery images: cached means and variances
+        """Loader 2s: gallery images of subset s (cached means and variances); loader 2s+1: its
+        queries (reference pixels + text), timed."""
+        if dataloader_idx % 2 == 0:
             idx, pixels, _ = batch
             mu, sigma = self.encode_target(pixels)
-            self._store("gallery", idx, packed=torch.stack([mu.flatten(1), sigma.flatten(1)], 1))
+            packed = torch.stack([mu.flatten(1), sigma.flatten(1)], 1)
+            self._store(dataloader_idx, idx, packed=packed)
             return
+        idx, pixels, tokens = batch
         start = time.perf_counter()
-        q = self.encode_query(batch["reference"], batch["tokens"])
+        q = self.encode_query(pixels, tokens)
         if q.mu.is_cuda:
             torch.cuda.synchronize(q.mu.device)
         self._query_seconds += time.perf_counter() - start
@@ -683,10 +711,10 @@ class HUG(pl.LightningModule):
             1,
         )
         packed = torch.stack([q.mu.flatten(1), q.sigma.flatten(1)], 1)
-        self._store("query", batch["index"], packed=packed, stats=stats)
+        self._store(dataloader_idx, idx, packed=packed, stats=stats)
 
-    def _store(self, kind: str, idx: Tensor, **values: Tensor) -> None:
-        self._outputs.setdefault(kind, []).append(
+    def _store(self, dataloader_idx: int, idx: Tensor, **values: Tensor) -> None:
+        self._outputs.setdefault(dataloader_idx, []).append(
             {"idx": idx.to(self.device), **{k: v.float() for k, v in values.items()}}
         )
 
@@ -696,100 +724,104 @@ class HUG(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
-    def _gathered(self, kind: str, n: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Outputs of ``kind`` in dataset order on every rank, and which rows were encoded (all,
+    def _gathered(self, dataloader_idx: int, n: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Outputs of a loader in dataset order on every rank, and which rows were encoded (all,
         unless ``limit_*_batches`` cut the loader short). DistributedSampler duplicates carry
         identical values."""
-        parts = self._outputs.get(kind, [])
-        encoded = torch.zeros(n, dtype=torch.bool, device=self.device)
+        parts = self._outputs.get(dataloader_idx, [])
         if not parts:
-            return {}, encoded
+            return {}, torch.zeros(n, dtype=torch.bool)
         idx = torch.cat([p["idx"] for p in parts])
         values = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "idx"}
-        if self.trainer.world_size > 1:
-            idx = self.all_gather(idx).reshape(-1)
-            values = {k: self.all_gather(v).reshape(-1, *v.shape[1:]) for k, v in values.items()}
-        out = {}
-        for key, value in values.items():
-            out[key] = value.new_zeros((n, *value.shape[1:]))
-            out[key][idx] = value
-        encoded[idx] = True
-        return out, encoded
+        return gather_by_index(self, idx, values, n)
 
-    def _evaluate(self, stage: str) -> None:
-        """Rank every block's gallery for its queries, log recalls (%) and the time per query."""
-        datamodule = self.trainer.datamodule
-        split_name = datamodule.cfg.val_split if stage == "val" else datamodule.cfg.split
-        blocks = datamodule.eval_blocks(split_name)
-        gallery, g_enc = self._gathered("gallery", sum(b.num_gallery for b in blocks))
-        queries, q_enc = self._gathered("query", sum(b.num_queries for b in blocks))
-        self._outputs.clear()
+    def _embedded(
+        self, stage: str, full: EvalSubset, s: int
+    ) -> tuple[EvalSubset, Tensor, Tensor, Tensor] | None:
+        """(subset, packed queries [Q, 2, F], packed gallery [G, 2, F], query stats [Q, 4]) of
+        subset ``s``, limited to what was encoded; None when nothing was."""
+        gallery, g_seen = self._gathered(2 * s, len(full.split.gallery))
+        queries, q_seen = self._gathered(2 * s + 1, len(full.split.text))
         if not gallery or not queries:
-            return
+            return None
+        q, g, stats = queries["packed"], gallery["packed"], queries["stats"]
+        subset = full
+        if not (g_seen.all() and q_seen.all()):  # limit_val_batches / limit_test_batches
+            subset, g_keep, q_keep = full.restrict(g_seen, q_seen)
+            log.warning(
+                "%s %s: evaluating %d of %d queries on %d of %d gallery images (loaders cut "
+                "short by limit_%s_batches)",
+                stage, full.split.name, len(q_keep), len(q_seen), len(g_keep), len(g_seen), stage,
+            )  # fmt: skip
+            g, q_keep = g[g_keep.to(g.device)], q_keep.to(q.device)
+            q, stats = q[q_keep], stats[q_keep]
+        return subset, q, g, stats
+
+    @torch.no_grad()
+    def _evaluate(self, stage: str, subsets: list[EvalSubset]) -> None:
+        """Rank every subset's gallery by the expected distance (eq 15) for its queries; log the
+        protocol recalls (%, :func:`xmodal.data.cir.subset_metrics`) and the time per query."""
+        from xmodal.data.cir import fashioniq_summary, subset_metrics, target_ranks
+
+        score = {"score_fn": _distance_score, "largest": False, "chunk_size": self.hp.chunk_size}
         metrics: dict[str, float] = {}
         export: list[dict[str, Any]] = []
+        categories: list[str] = []
         rank_seconds, ranked = 0.0, 0
-        for block in blocks:
-            view = _BlockView(block, gallery["packed"], g_enc, queries, q_enc)
-            prefix = f"{stage}/{block.key}/" if block.key else f"{stage}/"
-            self.extra_metrics[f"{prefix}queries"] = int(view.keep.sum())
-            self.extra_metrics[f"{prefix}gallery"] = len(view.gallery)
-            self.extra_metrics[f"{prefix}protocol"] = block.split.protocol
-            if len(view.gallery) < block.num_gallery or len(view.queries) < block.num_queries:
-                log.warning(
-                    f"{stage} {block.split.name}: evaluating {len(view.queries)} of "
-                    f"{block.num_queries} queries on {len(view.gallery)} of {block.num_gallery} "
-                    f"gallery images (loaders cut short by limit_{stage}_batches)"
-                )
-            if view.target is None:  # CIRR test1: labels withheld, write the server files
-                if stage == "test":
-                    self._write_submission(view)
+        for s, full in enumerate(subsets):
+            embedded = self._embedded(stage, full, s)
+            if embedded is None:
                 continue
-            if not len(view.queries):
+            subset, q, g, stats = embedded
+            self.extra_metrics.update({f"{stage}/{k}": v for k, v in subset.counts().items()})
+            if subset.target is None:  # CIRR test1: labels withheld, write the server files
+                if stage == "test":
+                    self._write_submission(subset, q, g)
+                continue
+            if not len(subset.target):
                 continue
             start = time.perf_counter()
-            ranks = view.ranks(self.hp.chunk_size)
-            rank_seconds, ranked = rank_seconds + time.perf_counter() - start, ranked + len(ranks)
-            metrics.update(view.recalls(ranks, self.hp.chunk_size))
-            export += view.export_rows(ranks)
-        evaluated = [b.key for b in blocks if b.key and f"{b.key}/R@10" in metrics]
-        metrics.update(_fashioniq_means(metrics, evaluated))
+            metrics.update(subset_metrics(subset, q, g, **score))
+            rank_seconds, ranked = rank_seconds + time.perf_counter() - start, ranked + len(q)
+            if subset.family == "fashioniq":
+                categories.append(subset.key)
+            if stage == "test" and self.hp.export_uncertainty and self.hp.prob:
+                export += _export_rows(subset, target_ranks(subset, q, g, **score), stats)
+        if categories and len(categories) == sum(s.family == "fashioniq" for s in subsets):
+            metrics.update(fashioniq_summary(metrics, categories))
         if ranked:  # query encoding timed on this rank's queries, ranking on all of them
             encode_ms = 1000 * self._query_seconds / max(1, self._local_queries)
             metrics["ms_per_query"] = encode_ms + 1000 * rank_seconds / ranked
+        self._outputs.clear()
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "avg", rank_zero_only=False)
-        if stage == "test" and self.hp.export_uncertainty and export and self.hp.prob:
+        if export:
             self._export_uncertainty(export)
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
+        if self._outputs:
+            self._evaluate("val", self.trainer.datamodule.val_subsets)
 
     def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
+        if self._outputs:
+            self._evaluate("test", self.trainer.datamodule.test_subsets)
 
     # -- outputs in the run directory --------------------------------------------------------
-    def _write_submission(self, view: _BlockView) -> None:
-        """CIRR test1: top-50 and top-3-of-the-set lists to ``<run_dir>/submission/``."""
-        from xmodal.data.hug_data import write_cirr_submission
-        from xmodal.retrieval.search import gather_scores, topk
+    def _write_submission(self, subset: EvalSubset, q: Tensor, g: Tensor) -> None:
+        """CIRR test1: the two evaluation-server files (top 50; best 3 of the image set) in
+        ``<run_dir>/submission/``, ranked by ascending expected distance."""
+        from xmodal.data.cir import cirr_submission, write_cirr_submission
 
-        if view.members is None or self.run_dir is None:
+        if self.run_dir is None or subset.members is None:
             return
-        kw = {"score_fn": _distance_score, "chunk_size": self.hp.chunk_size, "largest": False}
-        depth = min(50, len(view.gallery) - 1)
-        _, top50 = topk(view.queries, view.gallery, depth, exclude=view.reference, **kw)
-        distance = gather_scores(view.queries, view.gallery, view.members, score_fn=_distance_score)
-        distance = distance.masked_fill(view.members == view.reference[:, None], math.inf)
-        # ascending distance, ties to the lower gallery index (the xmodal tie rule)
-        by_index = view.members.sort(dim=1, stable=True)
-        order = distance.gather(1, by_index.indices).sort(dim=1, stable=True).indices
-        subset = by_index.values.gather(1, order)[:, :3]
+        score = {"score_fn": _distance_score, "largest": False, "chunk_size": self.hp.chunk_size}
+        recall, recall_subset = cirr_submission(subset, q, g, **score)
         if self.trainer.global_rank == 0:
-            paths = write_cirr_submission(
-                self.run_dir / "submission", view.block.split, top50.cpu(), subset.cpu()
+            folder = self.run_dir / "submission"
+            paths = write_cirr_submission(folder, subset.split.name, recall, recall_subset)
+            self.extra_metrics.update(
+                {f"test/submission/{p.name.split('_submission')[0]}": str(p) for p in paths}
             )
-            self.extra_metrics.update({f"test/submission/{k}": str(p) for k, p in paths.items()})
 
     def _export_uncertainty(self, rows: list[dict[str, Any]]) -> None:
         """Per-query uncertainties of the test split to ``<run_dir>/uncertainty_test.csv``."""
@@ -808,116 +840,27 @@ class HUG(pl.LightningModule):
 # ----------------------------------------------------------------------------------------------
 
 
-class _BlockView:
-    """One ranking problem restricted to what was encoded (everything, unless limit_*_batches
-    cut a loader short): the gallery rows, the queries, and their indices into that gallery."""
-
-    def __init__(
-        self,
-        block: EvalBlock,
-        gallery: Tensor,
-        g_enc: Tensor,
-        queries: dict[str, Tensor],
-        q_enc: Tensor,
-    ) -> None:
-        self.block = block
-        split = block.split
-        g0, q0 = block.gallery_offset, block.query_offset
-        keep_g = g_enc[g0 : g0 + block.num_gallery]
-        new_index = torch.cumsum(keep_g.long(), 0) - 1
-        keep = q_enc[q0 : q0 + block.num_queries].clone()
-        reference = block.index(split.reference).to(keep.device)
-        target = block.index(split.target).to(keep.device) if split.target is not None else None
-        members = (
-            torch.stack([block.index(m) for m in split.members]).to(keep.device)
-            if split.members
-            else None
+def _export_rows(subset: EvalSubset, ranks: Tensor, stats: Tensor) -> list[dict[str, Any]]:
+    """One row per query: names, target rank and mean variances (sigma_q^2, r, t, m)."""
+    split = subset.split
+    rows = []
+    for i, (rank, row) in enumerate(zip(ranks.tolist(), stats.tolist())):
+        s_q, s_r, s_t, s_m = row
+        rows.append(
+            {
+                "block": subset.key or split.name,
+                "query": i,
+                "pairid": split.pair_ids[i] if split.pair_ids else "",
+                "reference": split.reference[i],
+                "target": split.target[i],
+                "rank": rank,
+                "sigma_q2": s_q,
+                "sigma_r2": s_r,
+                "sigma_t2": s_t,
+                "sigma_m2": s_m,
+            }
         )
-        if target is not None:
-            keep &= keep_g[target]
-        if members is not None:
-            keep &= keep_g[members].all(1)
-        self.keep = keep
-        self.gallery = gallery[g0 : g0 + block.num_gallery][keep_g]
-        self.queries = queries["packed"][q0 : q0 + block.num_queries][keep]
-        self.stats = queries["stats"][q0 : q0 + block.num_queries][keep]
-        ref = reference[keep]
-        self.reference = torch.where(keep_g[ref], new_index[ref], torch.full_like(ref, -1))
-        self.target = new_index[target[keep]] if target is not None else None
-        self.members = new_index[members[keep]] if members is not None else None
-        self.query_ids = keep.nonzero().squeeze(1).tolist()
-
-    def ranks(self, chunk_size: int) -> Tensor:
-        """0-based rank of each query's target by ascending expected distance (chunked)."""
-        from xmodal.retrieval.search import rank_of
-
-        exclude = self.reference if self.block.split.remove_reference else None
-        return rank_of(
-            self.queries,
-            self.gallery,
-            self.target,
-            score_fn=_distance_score,
-            exclude=exclude,
-            largest=False,
-            chunk_size=chunk_size,
-        )
-
-    def recalls(self, ranks: Tensor, chunk_size: int) -> dict[str, float]:
-        """Recall in %: FashionIQ ``<cat>/R@10``, ``<cat>/R@50``; CIRR ``R@K``, ``Rs@K`` and
-        ``avg`` = (R@5 + Rs@1) / 2 (cir.md §2.2)."""
-        from xmodal.metrics.retrieval import cirr_recall_from_embeddings, recall_from_ranks
-
-        key = self.block.key
-        if key is not None or self.members is None:
-            prefix = f"{key}/" if key else ""
-            return {f"{prefix}R@{k}": 100 * v for k, v in recall_from_ranks(ranks, FIQ_KS).items()}
-        got = cirr_recall_from_embeddings(
-            self.queries,
-            self.gallery,
-            self.target,
-            self.reference,
-            self.members,
-            CIRR_KS,
-            CIRR_SUBSET_KS,
-            score_fn=_distance_score,
-            largest=False,
-            chunk_size=chunk_size,
-        )
-        out = {k: 100 * v for k, v in got.items()}
-        out["avg"] = (out["R@5"] + out["Rs@1"]) / 2
-        return out
-
-    def export_rows(self, ranks: Tensor) -> list[dict[str, Any]]:
-        """One row per query: names, target rank and mean variances (sigma_q^2, r, t, m)."""
-        split = self.block.split
-        rows = []
-        for row, (i, rank) in enumerate(zip(self.query_ids, ranks.tolist())):
-            s_q, s_r, s_t, s_m = self.stats[row].tolist()
-            rows.append(
-                {
-                    "block": self.block.key or split.name,
-                    "query": i,
-                    "pairid": split.pair_ids[i] if split.pair_ids else "",
-                    "reference": split.reference[i],
-                    "target": split.target[i],
-                    "rank": rank,
-                    "sigma_q2": s_q,
-                    "sigma_r2": s_r,
-                    "sigma_t2": s_t,
-                    "sigma_m2": s_m,
-                }
-            )
-        return rows
-
-
-def _fashioniq_means(metrics: dict[str, float], categories: list[str]) -> dict[str, float]:
-    """FashionIQ ``avg/R@10``, ``avg/R@50`` (unweighted over categories) and ``avg``."""
-    from xmodal.metrics.retrieval import fashioniq_average
-
-    if not categories:
-        return {}
-    per_category = {c: {k: metrics[f"{c}/{k}"] for k in ("R@10", "R@50")} for c in categories}
-    return {k: v for k, v in fashioniq_average(per_category).items() if k.startswith("avg")}
+    return rows
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

@@ -47,7 +47,6 @@ TOWERS = ("both", "image", "text", "none")
 UA_MODES = ("stacked", "parallel")
 CSU_SPACES = ("target", "query")
 DR_ON = ("normalized", "raw")
-TEST_CKPT = ("best", "last")
 
 
 @dataclass
@@ -88,7 +87,6 @@ class RUIRConfig:
     text_mode: str = "both_orders"  # [F] xmodal.data.cir.TEXT_MODES
     # -- evaluation
     monitor: str = "val/R@10"  # best checkpoint (FashionIQ: mean over categories)
-    test_ckpt: str = "best"  # best | last: the weights trainer.test evaluates after fit
     submission_split: str | None = "test1"  # CIRR: also write the test-server files for it
     export_uncertainty: bool = True  # per-query uncertainty + calibration at test time
 
@@ -164,8 +162,8 @@ class Gaussian:
 
 def gathered(g: Gaussian) -> Gaussian:
     """The Gaussians of every rank's batch, concatenated in rank order with gradients kept, so
-    each rank computes the loss of the global batch (``clip_pretrain.gather_with_grad``)."""
-    from xmodal.methods.clip_pretrain import gather_with_grad
+    each rank computes the loss of the global batch (``xmodal.distributed.gather_with_grad``)."""
+    from xmodal.distributed import gather_with_grad
 
     z = None if g.z is None else gather_with_grad(g.z.transpose(0, 1)).transpose(0, 1)
     return Gaussian(gather_with_grad(g.mu), gather_with_grad(g.sigma), z)
@@ -322,7 +320,6 @@ class RUIR(pl.LightningModule):
             ("ua_mode", UA_MODES),
             ("csu_space", CSU_SPACES),
             ("dr_on", DR_ON),
-            ("test_ckpt", TEST_CKPT),
         ):
             _check_choice(cfg, key, allowed)
         self.save_hyperparameters({"config": config} if config else {})
@@ -507,19 +504,15 @@ class RUIR(pl.LightningModule):
     def _gathered(self, dataloader_idx: int, n: int) -> tuple[Tensor, Tensor]:
         """(embeddings [n, d] in dataset order, seen [n]) across ranks; DistributedSampler
         padding duplicates carry identical embeddings, unseen rows (limit_*_batches) are 0."""
+        from xmodal.distributed import gather_by_index
+
         outputs = self._outputs.get(dataloader_idx, [])
         if not outputs:
             return torch.zeros(n, 1, device=self.device), torch.zeros(n, dtype=torch.bool)
         idx = torch.cat([i for i, _ in outputs])
         emb = torch.cat([e for _, e in outputs])
-        if self.trainer.world_size > 1:
-            idx = self.all_gather(idx).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-        out = torch.zeros(n, emb.shape[-1], device=emb.device)
-        out[idx] = emb
-        seen = torch.zeros(n, dtype=torch.bool)
-        seen[idx.cpu()] = True
-        return out, seen
+        out, seen = gather_by_index(self, idx, {"emb": emb}, n)
+        return out["emb"], seen
 
     def embed_subset(self, subset: EvalSubset, s: int) -> tuple[EvalSubset, Tensor, Tensor, Tensor]:
         """(subset, q = normalize(mu_s) [Q, d], g = normalize(mu_t) [G, d], sigma_s [Q, d]) from
@@ -567,18 +560,6 @@ class RUIR(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self._outputs:
             self._evaluate("val", self.datamodule.val_subsets)
-
-    def on_test_start(self) -> None:
-        """Evaluate the best checkpoint (by ``monitor``) unless ``test_ckpt=last``."""
-        callback = self.trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", "") if callback else ""
-        if self.cfg.test_ckpt == "best" and best and Path(best).is_file():
-            state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
-            self.load_state_dict(state)
-            self.extra_metrics["val/best/" + self.cfg.monitor.split("/", 1)[-1]] = float(
-                callback.best_model_score
-            )
-            log.info("testing the best checkpoint %s", best)
 
     def on_test_epoch_end(self) -> None:
         if self._outputs:

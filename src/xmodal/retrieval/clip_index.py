@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from xmodal.data.base import DatasetLayoutError
-from xmodal.data.images import IMG_EXTENSIONS, tar_ref
+from xmodal.data.images import IMG_EXTENSIONS, tar_ref, wds_samples
 from xmodal.retrieval.cache import digest
 from xmodal.retrieval.search import FaissIndex
 
@@ -213,27 +213,18 @@ def _read_shards(source: str, shards: Sequence[Path]) -> Collection:
 
 
 def _shard_samples(shard: Path) -> dict[str, tuple[str | None, str | None]]:
-    """key -> (image member, caption) of one shard, in tar order."""
-    images: dict[str, str | None] = {}
-    captions: dict[str, str | None] = {}
-    with tarfile.open(shard) as tar:
-        for info in tar:
-            folder, _, base = info.name.rpartition("/")
-            if not info.isfile() or "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = f"{folder}/{stem}" if folder else stem
-            images.setdefault(key, None)
-            captions.setdefault(key, None)
-            if f".{ext.lower()}" in IMG_EXTENSIONS:
-                images[key] = info.name
-            elif ext == "txt" or (ext == "json" and captions[key] is None):
-                fh = tar.extractfile(info)
-                assert fh is not None
-                text = fh.read().decode("utf-8")
-                caption = text.strip() if ext == "txt" else json.loads(text).get("caption")
-                captions[key] = caption if ext == "txt" else (caption or None)
-    return {key: (images[key], captions[key]) for key in images}
+    """key -> (image member, caption) of one shard, in tar order; the caption is the ``.txt``,
+    else the ``caption`` field of the ``.json`` (img2dataset's layout)."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for key, files in wds_samples(shard).items():
+        image = next((name for ext, name in files.items() if f".{ext}" in IMG_EXTENSIONS), None)
+        caption = None
+        if "txt" in files:
+            caption = files["txt"].strip()
+        elif "json" in files:
+            caption = json.loads(files["json"]).get("caption") or None
+        out[key] = (image, caption)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
