@@ -68,7 +68,7 @@ def test_best_weights_after_fit_loads_the_monitored_best(tmp_path, test_ckpt):
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from xmodal.pipeline import BestWeightsAfterFit
+    from xmodal.callbacks import BestWeightsAfterFit
 
     class Drifting(pl.LightningModule):
         def __init__(self) -> None:

@@ -7,7 +7,10 @@ The pretrained tiny CLIP is exported to outputs/checkpoints/tiny_clip_shapes.pt
 
 def section(demo) -> None:
     pretrain = demo.run("train", ["experiment=shapes/clip_pretrain"])
-    print(f"  pretraining: val R@1 (mean of both directions) = {pretrain['val/R@1']:.1f}")
+    print(
+        f"  pretraining: val R@1 (mean of both directions) = {pretrain['val/R@1']:.1f} in the "
+        f"last epoch, {pretrain['val/best/R@1']:.1f} at the best checkpoint (exported and tested)"
+    )
     rows = []
     for label, exp in [
         ("tiny CLIP, random init", "shapes/retrieval_untrained"),

@@ -11,13 +11,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.runs import RunDir, read_metrics
+
+if TYPE_CHECKING:  # Lightning is imported when a run really starts: skipping one stays fast
+    import lightning.pytorch as pl
 
 log = logging.getLogger("xmodal")
 
@@ -29,45 +31,10 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-class ConfigInCheckpoint(pl.Callback):
-    """Stores the resolved run config in every checkpoint (``checkpoint["xmodal_config"]``), so a
-    checkpoint alone rebuilds its model (``xmodal.load_run``) without the original command line."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.config = OmegaConf.to_container(cfg, resolve=True)
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint["xmodal_config"] = self.config
-
-
-def monitored_checkpoint(trainer: pl.Trainer) -> Any:
-    """The ModelCheckpoint that keeps the best weights by the method's monitor (or None)."""
-    return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
-
-
-class BestWeightsAfterFit(pl.Callback):
-    """``test_ckpt=best``: when fit ends, load the best checkpoint's weights (by the method's
-    ``monitor``) on every rank, so the test and whatever the method exports at fit end (the
-    pretrained backbone) use them. Without a best checkpoint (no monitor, ``max_epochs=0``) the
-    last weights stay."""
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import torch
-
-        callback = monitored_checkpoint(trainer)
-        best = callback.best_model_path if callback is not None else ""
-        if not best or not Path(best).is_file():
-            return
-        state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
-        pl_module.load_state_dict(state)
-        log.info("test_ckpt=best: using %s (%s = %.4g)", best, callback.monitor,
-                 float(callback.best_model_score))  # fmt: skip
-
-
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
+    from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint
+
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
@@ -116,6 +83,8 @@ def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[RunDir, dict[st
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     check_slurm_allocation(cfg.trainer)
+    import lightning.pytorch as pl
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     from xmodal.data.datamodule import ensure_shapes_world
 
@@ -174,6 +143,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         metrics: dict[str, Any] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
         }
+        from xmodal.callbacks import monitored_checkpoint
+
         best = monitored_checkpoint(trainer)
         if best is not None and best.best_model_score is not None:  # the epoch test_ckpt=best uses
             metrics[f"val/best/{best.monitor.split('/', 1)[-1]}"] = float(best.best_model_score)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-from xmodal.retrieval.cache import EmbeddingCache, digest
+from xmodal.retrieval.cache import digest
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch import nn
+
+    from xmodal.retrieval.cache import EmbeddingCache
 
 
 @dataclass
