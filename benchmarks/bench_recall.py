@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from _memory import max_rss, rss
+from _common import max_rss, rss, spawn
 
 NUM_IMAGES, CAPTIONS_PER_IMAGE, DIM = 5000, 5, 512
 KS = (1, 5, 10)
@@ -122,15 +119,6 @@ def _timing(repeats: int) -> dict:
     }
 
 
-def _spawn(*args: str) -> dict:
-    """Run this script with ``args`` in a fresh interpreter and parse its last (JSON) line."""
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, __file__, *args]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(args: argparse.Namespace) -> int:
     if args.memory:
         print(json.dumps(_memory(args.memory)))
@@ -140,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     queries = NUM_IMAGES * CAPTIONS_PER_IMAGE
     print(f"t2i Recall@{KS}: {queries} text queries x {NUM_IMAGES} images x {DIM} dims, fp32")
-    mem = {name: _spawn("--memory", name) for name in ("matmul", "ours", "naive")}
-    times = _spawn("--timing", "--repeats", str(args.repeats))
+    mem = {name: spawn(__file__, "--memory", name) for name in ("matmul", "ours", "naive")}
+    times = spawn(__file__, "--timing", "--repeats", str(args.repeats))
     print(
         f"torch threads {times['threads']}, best of {args.repeats} round-robin runs, "
         f"query chunk {CHUNK_SIZE}"

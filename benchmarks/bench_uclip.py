@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _memory import max_rss, rss
+from _common import max_rss, rss, spawn
 
 from xmodal.evaluators.uclip import METHODS
 
@@ -144,16 +142,6 @@ def _timing(repeats: int, fraction: float, threads: int) -> dict:
     }
 
 
-def _spawn(*args: str) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [sys.executable, __file__, *args]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(args: argparse.Namespace) -> int:
     if args.memory:
         print(json.dumps(_memory(args.memory)))
@@ -167,8 +155,9 @@ def main(args: argparse.Namespace) -> int:
         f"uCLIP confidences: T={texts} captions, I={NUM_IMAGES} images, D={DIM}, N={SAMPLES} "
         "samples, fp32, CPU"
     )
-    mem = {v: _spawn("--memory", v) for v in ("ours", "official")}
-    t = _spawn(
+    mem = {v: spawn(__file__, "--memory", v) for v in ("ours", "official")}
+    t = spawn(
+        __file__,
         "--timing",
         "--repeats",
         str(args.repeats),

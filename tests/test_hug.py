@@ -519,6 +519,20 @@ def test_cli_fashioniq_run_writes_metrics_and_uncertainties(xmodal_env, shapes_w
     rows = list(csv.DictReader((run / "uncertainty_test.csv").open()))
     assert len(rows) == sum(metrics[f"test/{c}/num_queries"] for c in ("dress", "shirt", "toptee"))
     assert all(float(r["sigma_q2"]) > 0 and int(r["rank"]) >= 0 for r in rows)
+    # the exported per-query target ranks reproduce the logged recalls and calibration exactly
+    from xmodal.metrics.calibration import confidence_auroc
+
+    for cat in ("dress", "shirt", "toptee"):
+        mine = [r for r in rows if r["block"] == cat]
+        ranks = torch.tensor([int(r["rank"]) for r in mine])
+        for k in (1, 5, 10, 50):
+            recall = 100 * (ranks < k).double().mean().item()
+            assert metrics[f"test/{cat}/R@{k}"] == pytest.approx(recall, abs=1e-4), (cat, k)
+        confidence = -torch.tensor([float(r["sigma_q2"]) for r in mine], dtype=torch.float64)
+        auroc = confidence_auroc(confidence, ranks < 10)
+        assert metrics[f"test/{cat}/calibration@10/AUROC"] == pytest.approx(
+            auroc, rel=1e-5, nan_ok=True
+        )
     module = load_run(run)  # the checkpoint alone rebuilds the model (its ViT left out)
     assert isinstance(module, HUG) and not module.training
     # the uCLIP calibration metrics on HUG's query uncertainty, hits at R@10

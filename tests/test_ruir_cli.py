@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from xmodal.config import compose
 from xmodal.runs import read_metrics
@@ -51,6 +52,24 @@ def test_fashioniq_cli_writes_per_category_metrics(xmodal_env, shapes_world):
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and float(rows[0]["uncertainty"]) > 0
     assert all(0 <= int(r["target_rank"]) < metrics["test/dress/num_gallery"] for r in rows)
+    # the exported ranks and uncertainties reproduce the logged recalls and calibration
+    from xmodal.metrics.calibration import confidence_auroc
+
+    for cat in ("dress", "shirt", "toptee"):
+        with open(run / "uncertainty" / f"test_{cat}.csv") as f:
+            rows = list(csv.DictReader(f))
+        ranks = torch.tensor([int(r["target_rank"]) for r in rows])
+        uncertainty = torch.tensor([float(r["uncertainty"]) for r in rows], dtype=torch.float64)
+        for k in (1, 5, 10, 50):
+            recall = 100 * (ranks < k).double().mean().item()
+            assert metrics[f"test/{cat}/R@{k}"] == pytest.approx(recall, abs=1e-4), (cat, k)
+        assert metrics[f"test/{cat}/uncertainty/mean"] == pytest.approx(
+            uncertainty.mean().item(), rel=1e-4
+        )
+        auroc = confidence_auroc(-uncertainty, ranks < 10)
+        assert metrics[f"test/{cat}/uncertainty/k10/AUROC"] == pytest.approx(
+            auroc, abs=1e-4, nan_ok=True
+        )
     assert (run / "checkpoints" / "best.ckpt").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((run / "run.json").read_text())["status"] == "done"

@@ -137,6 +137,12 @@ def _rowwise_confidence(probs: Tensor) -> Tensor:
     return out
 
 
+def stream_confidences(p_image: Tensor, p_text: Tensor) -> tuple[Tensor, Tensor]:
+    """Entropy confidences (c_img, c_txt) [S] of each row, float64 on the CPU. They do not
+    depend on the stream order: permute them with the rows."""
+    return _rowwise_confidence(p_image), _rowwise_confidence(p_text)
+
+
 def _minmax(conf: Tensor) -> Tensor:
     """(c_t - min_{s<=t} c_s) / (max_{s<=t} c_s - min_{s<=t} c_s); 0.5 where the range is 0."""
     low = torch.cummin(conf, dim=0).values
@@ -166,18 +172,25 @@ def modal_weights(conf_image: Tensor, conf_text: Tensor, normalizer: str) -> tup
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
 
 
-def fuse(p_image: Tensor, p_text: Tensor, normalizer: str = "minmax") -> dict[str, Tensor]:
+def fuse(
+    p_image: Tensor,
+    p_text: Tensor,
+    normalizer: str = "minmax",
+    conf: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """X-MoRe's prediction for a stream of image- and text-modal probabilities ``[S, C]``.
 
     Returns ``pred`` [S] (long) and ``conf_image``, ``conf_text``, ``w_image``, ``w_text`` [S]
-    (float64). The fused scores ``w_img p_img + w_txt p_txt`` are formed in float64.
+    (float64). The fused scores ``w_img p_img + w_txt p_txt`` are formed in float64. ``conf``:
+    the rows' entropy confidences (:func:`stream_confidences`) when the caller already has them,
+    as when one stream is fused in several orders and with several normalisers.
     """
     if p_image.shape != p_text.shape or p_image.dim() != 2:
         raise ValueError(
             f"p_image and p_text must both be [S, C], got {tuple(p_image.shape)} and "
             f"{tuple(p_text.shape)}"
         )
-    conf_image, conf_text = _rowwise_confidence(p_image), _rowwise_confidence(p_text)
+    conf_image, conf_text = conf if conf is not None else stream_confidences(p_image, p_text)
     w_image, w_text = modal_weights(conf_image, conf_text, normalizer)  # on the CPU: exact scans
     w_image_dev, w_text_dev = w_image.to(p_image.device), w_text.to(p_image.device)
     pred = torch.empty(p_image.shape[0], dtype=torch.long, device=p_image.device)
@@ -494,13 +507,15 @@ class XMoReEvaluator:
         p_image_all = torch.softmax(logits, dim=-1)
         p_image, p_text, labels = p_image_all[idx], p_text_all[idx], labels_all[idx]
         pred_image, pred_text = p_image.argmax(dim=1), p_text.argmax(dim=1)
+        conf_image, conf_text = stream_confidences(p_image, p_text)  # once: order-independent
         seeds = self.seeds if self.seeds is not None else [int(ctx.cfg.seed)]
         by_norm: dict[str, list[float]] = {n: [] for n in NORMALIZERS}
         acc_all, w_image, w_text = [], [], []
         for seed in seeds:
             order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+            conf = (conf_image[order], conf_text[order])
             for normalizer in NORMALIZERS:
-                out = fuse(p_image[order], p_text[order], normalizer)
+                out = fuse(p_image[order], p_text[order], normalizer, conf)
                 by_norm[normalizer].append(100.0 * top1_accuracy(out["pred"], labels[order]))
                 if normalizer != self.normalizer:
                     continue
@@ -537,8 +552,8 @@ class XMoReEvaluator:
             "test/unique_captions": float(np.mean([len(captions[i]) for i in idx.tolist()])),
             "test/entropy/image": entropy(p_image.double()).mean().item(),
             "test/entropy/text": entropy(p_text.double()).mean().item(),
-            "test/conf/image": entropy_confidence(p_image.double()).mean().item(),
-            "test/conf/text": entropy_confidence(p_text.double()).mean().item(),
+            "test/conf/image": conf_image.mean().item(),
+            "test/conf/text": conf_text.mean().item(),
             "test/weight/image": float(np.mean(w_image)),
             "test/weight/text": float(np.mean(w_text)),
         }

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from xmodal.distributed import gather_by_index, gather_with_grad
-from xmodal.probabilistic import expected_distance
+from xmodal.probabilistic import expected_distance, pairwise_sq_distance
 
 if TYPE_CHECKING:
     from xmodal.data.cir import CIRDataModule, EvalSubset
@@ -160,11 +160,6 @@ def holistic_contrast(
     return (positive + scale * (negative.sum(1) + negative.sum(0))).mean()
 
 
-def _pairwise_sq(x: Tensor, y: Tensor) -> Tensor:
-    """||x_p - y_r||^2 for x [P, D], y [R, D] -> [P, R] (no sqrt: smooth gradient at 0)."""
-    return (x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * x @ y.T).clamp_min(0)
-
-
 def fine_grained_contrast(
     sigma_q: Tensor,
     sigma_c: Tensor,
@@ -201,7 +196,7 @@ def fine_grained_contrast(
         flat = anchor.reshape(n * k, -1)
         for kind in negatives:
             partner = other if kind == "modality" else anchor
-            dist = _pairwise_sq(flat, partner.reshape(n * k, -1)).view(n, k, n, k)
+            dist = pairwise_sq_distance(flat, partner.reshape(n * k, -1)).view(n, k, n, k)
             terms = -F.logsigmoid(a * dist + b)
             mask = masks[kind]
             loss = loss + ((terms * mask).sum((2, 3)) / mask.sum((2, 3))).sum(1).mean()

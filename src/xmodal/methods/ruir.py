@@ -602,7 +602,8 @@ class RUIR(pl.LightningModule):
             writer = csv.writer(f)
             writer.writerow(["query", "reference", "target", "text", "uncertainty", "target_rank"])
             for i, (ref, tgt, text) in enumerate(zip(split.reference, split.target, split.text)):
-                writer.writerow([i, ref, tgt, text, f"{uncertainty[i]:.6g}", int(ranks[i])])
+                # exact floats: near-equal uncertainties must stay distinct for the calibration
+                writer.writerow([i, ref, tgt, text, repr(float(uncertainty[i])), int(ranks[i])])
         self.extra_metrics.update(
             {
                 f"{stage}/{subset.prefix}uncertainty/{k}": v

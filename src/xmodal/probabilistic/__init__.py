@@ -39,21 +39,23 @@ def wasserstein2(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Te
     return _flat(mu1 - mu2).pow(2).sum(-1) + _flat(sigma1 - sigma2).pow(2).sum(-1)
 
 
+def pairwise_sq_distance(x: Tensor, y: Tensor) -> Tensor:
+    """||x_p - y_r||^2 for x [P, D], y [R, D] -> [P, R], as ||x||^2 + ||y||^2 - 2 x.y (one matrix
+    product, no [P, R, D] tensor; no square root, so the gradient is smooth at 0), clamped at 0
+    against rounding."""
+    return (x.pow(2).sum(-1)[:, None] + y.pow(2).sum(-1)[None, :] - 2 * x @ y.T).clamp_min(0)
+
+
 def expected_distance(mu_q: Tensor, sigma_q: Tensor, mu_c: Tensor, sigma_c: Tensor) -> Tensor:
     """Pairwise expected squared distance E||z_q - z_c||^2 of independent Gaussians (HUG eqs 14-15).
 
     d(z_q, z_c) = ||mu_q - mu_c||^2 + ||sigma_q||^2 + ||sigma_c||^2, summed over every trailing
-    dimension. Inputs [Bq, ...] and [Bc, ...]; returns [Bq, Bc]. Computed as
-    ||mu_q||^2 + ||mu_c||^2 - 2 mu_q . mu_c (one matrix product, no [Bq, Bc, ...] tensor), clamped
-    at 0 against rounding.
+    dimension. Inputs [Bq, ...] and [Bc, ...]; returns [Bq, Bc] (mean term by
+    :func:`pairwise_sq_distance`).
     """
-    mq, mc = _flat(mu_q), _flat(mu_c)
     sq = _flat(sigma_q).pow(2).sum(-1)
     sc = _flat(sigma_c).pow(2).sum(-1)
-    mean_term = (mq.pow(2).sum(-1)[:, None] + mc.pow(2).sum(-1)[None, :] - 2 * mq @ mc.T).clamp_min(
-        0
-    )
-    return mean_term + sq[:, None] + sc[None, :]
+    return pairwise_sq_distance(_flat(mu_q), _flat(mu_c)) + sq[:, None] + sc[None, :]
 
 
 def matched_expected_distance(
@@ -70,6 +72,7 @@ def matched_expected_distance(
 __all__ = [
     "expected_distance",
     "matched_expected_distance",
+    "pairwise_sq_distance",
     "reparameterize",
     "sigma_from_logvar",
     "wasserstein2",
