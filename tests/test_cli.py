@@ -113,7 +113,8 @@ def test_eval_with_pretrained_backbone_then_skip_then_force(pretrained, xmodal_e
     assert "skipping" in res.stderr + res.stdout
     _cli("eval", [*overrides, "force=true"], xmodal_env)  # forced: redone, same numbers (cache)
     assert read_metrics(cfg.run_dir) == metrics
-    assert len(list(Path(cfg.run_dir).glob("metrics.*.json"))) == 1
+    (previous,) = (Path(cfg.run_dir) / "previous").iterdir()  # the old result, kept aside
+    assert read_metrics(previous) == metrics
 
 
 def test_missing_dataset_gives_one_paragraph(xmodal_env, tmp_path):

@@ -162,14 +162,24 @@ def test_failing_sweep_job_does_not_stop_the_others(out_env, tmp_path):
         *SMALL,
         f"data.root=${{paths.shapes_dir}}/coco,{tmp_path}/missing",
     ]
-    res = _cli("eval", args, env)
+    res = _cli("eval", args, env, ok=False)
+    assert res.returncode == 1, res.stderr[-3000:]  # the sweep says a job failed
     assert "expected layout" in res.stderr
     good = _run_dir(
         "eval",
         ["experiment=shapes/retrieval_untrained", *SMALL, "data.root=${paths.shapes_dir}/coco"],
         out_env,
     )
+    bad = _run_dir(
+        "eval", ["experiment=shapes/retrieval_untrained", *SMALL, f"data.root={tmp_path}/missing"],
+        out_env,
+    )  # fmt: skip
     assert (good / "metrics.json").is_file()
+    assert "xmodal sweep: 2 job(s): 1 done, 0 skipped, 1 failed" in res.stdout
+    assert f"done     {good}" in res.stdout and f"failed   {bad}" in res.stdout
+    # re-running skips the finished job and reports the failed one again
+    res = _cli("eval", args, env, ok=False)
+    assert res.returncode == 1 and "0 done, 1 skipped, 1 failed" in res.stdout
 
 
 def test_multirun_with_in_process_ddp_is_refused(out_env):
@@ -177,8 +187,10 @@ def test_multirun_with_in_process_ddp_is_refused(out_env):
         "eval",
         ["-m", "experiment=shapes/retrieval_untrained", *SMALL, *DDP, "data.batch_size=16,32"],
         _env(out_env),
+        ok=False,
     )
-    assert "in-process DDP" in res.stderr + res.stdout
+    assert res.returncode == 1 and "2 failed" in res.stdout
+    assert "in-process DDP" in res.stderr and "Traceback" not in res.stderr
     assert not list(Path(out_env["XMODAL_OUTPUT"]).rglob("metrics.json"))
 
 
@@ -196,14 +208,30 @@ def test_resume_after_kill_reaches_the_uninterrupted_metrics(out_env, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    last = run_b / "checkpoints" / "last.ckpt"
+    last, log = run_b / "checkpoints" / "last.ckpt", run_b / "csv" / "metrics.csv"
+
+    def logged() -> bool:  # a checkpoint, and the log rows saved with it
+        return last.is_file() and log.is_file() and "val/R@1" in log.read_text()
+
     deadline = time.time() + 600
-    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+    while not logged() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_b / "metrics.json").exists(), "the run finished before it could be killed"
+    refused = _cli("train", args, env_b, ok=False)  # not silently from epoch 0 over last.ckpt
+    assert refused.returncode == 2 and "resume=auto" in refused.stderr, refused.stderr[-3000:]
+    info = json.loads((run_b / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["interrupted"][0]["pid"] == proc.pid
+    with open(run_b / "csv" / "metrics.csv") as f:
+        before = [r for r in csv.DictReader(f) if r.get("val/R@1")]
+    assert before, "the killed run logged no validation row"
     _cli("train", [*args, "resume=auto"], env_b)
+    with open(run_b / "csv" / "metrics.csv") as f:
+        after = [r for r in csv.DictReader(f) if r.get("val/R@1")]
+    assert [r["epoch"] for r in after] == ["0", "1", "2", "3"]  # each epoch once, none lost
+    # the row logged before the kill, kept as it was (the file has gained columns since)
+    assert {k: after[0][k] for k in before[0]} == before[0]
     a = read_metrics(_run_dir("train", args, {"XMODAL_OUTPUT": str(tmp_path / "a")}))
     b = read_metrics(run_b)
     _close(a, b, [k for k in a if k.startswith("test/")], tol=1e-4)

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from xmodal.errors import ConfigError
+
 # ----------------------------------------------------------------------------------------------
 # Where the configs live
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +185,11 @@ class TrainerConfig:
     enable_model_summary: bool = False
     num_sanity_val_steps: int = 0
     use_distributed_sampler: bool = True
+    val_check_interval: Any = None
+    overfit_batches: Any = 0.0
+    fast_dev_run: Any = False
+    detect_anomaly: bool = False
+    profiler: Any = None
 
 
 @dataclass
@@ -215,6 +222,7 @@ class _BaseRunConfig:
     force: bool = False
     resume: str | None = None  # null | auto | <path to a checkpoint>
     print_config: bool = False
+    verbose: bool = False  # tracebacks of expected failures, library INFO logs
     run_name: str = MISSING
     run_hash: str = MISSING
     run_dir: str = MISSING
@@ -293,6 +301,64 @@ def register_configs() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Additions (`+key=value`) to schema-checked configs
+# ----------------------------------------------------------------------------------------------
+
+#: Groups whose options are free-form dicts of ``_target_`` entries: additions are how they grow.
+OPEN_GROUPS = ("hydra", "logger", "callbacks")
+
+
+def _schema_node(config_name: str, group: str | None, choice: str | None) -> Any:
+    """The registered schema of a group option (None when the option has none)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    if group is None:
+        name = f"_schema_{config_name}.yaml"
+    elif group in ("paths", "data", "trainer", "backbone"):  # cf. _group_schemas()
+        name = f"{group}/_schema.yaml"
+    else:
+        name = f"{group}/_schema_{choice}.yaml"
+    try:
+        return cs.load(name).node
+    except Exception:  # noqa: BLE001 - no schema registered for this option
+        return None
+
+
+def check_additions(overrides: Sequence[str], choices: Any, config_name: str) -> None:
+    """Refuse ``+key=value`` / ``++key=value`` for a key that the schema of its config does not
+    have. Hydra adds such a key silently and nothing reads it (``+data.batchsize=3`` leaves
+    ``data.batch_size`` unchanged), which defeats the typo check the schemas give."""
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        if not (override.is_add() or override.is_force_add()):
+            continue
+        key = override.key_or_group
+        parts = key.split(".")
+        if parts[0] in OPEN_GROUPS or (len(parts) == 1 and (conf_dir() / key).is_dir()):
+            continue  # an open group, or a group option added by the defaults list
+        group = parts[0] if len(parts) > 1 and (conf_dir() / parts[0]).is_dir() else None
+        node = _schema_node(config_name, group, choices.get(group) if group else None)
+        field_name = parts[1] if group else parts[0]
+        if node is None or field_name in node:
+            continue
+        where = f"{group}={choices.get(group)}" if group else f"{config_name}.yaml"
+        known = [k for k in node if not str(k).startswith("_")]
+        close = difflib.get_close_matches(field_name, known, n=1)
+        hint = ""
+        if close:
+            hint = " Did you mean " + ".".join([group, close[0]] if group else close) + "?"
+        raise ConfigError(
+            f"override {override.input_line}: {field_name!r} is not a key of {where}, whose "
+            f"schema checks every key; `+` would add it and nothing would read it.{hint} "
+            f"Known keys: {', '.join(map(str, known))}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
 # compose() outside @hydra.main
 # ----------------------------------------------------------------------------------------------
 
@@ -313,6 +379,7 @@ def compose(config_name: str = "train", overrides: Sequence[str] | None = None) 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    check_additions(overrides, cfg.hydra.runtime.choices, config_name)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from xmodal.runs import RunDir, read_metrics
+from xmodal import inputs
+from xmodal.runs import PREVIOUS_DIR, RunDir, read_metrics
 
 if TYPE_CHECKING:  # Lightning is imported when a run really starts: skipping one stays fast
     import lightning.pytorch as pl
@@ -34,11 +35,16 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
     from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint
+    from xmodal.loggers import ContinueLogs
 
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
-        callbacks = [*_instantiate_group(cfg.get("callbacks")), ConfigInCheckpoint(cfg)]
+        callbacks = [
+            *_instantiate_group(cfg.get("callbacks")),
+            ConfigInCheckpoint(cfg),
+            ContinueLogs(),
+        ]
         test_ckpt = cfg.get("test_ckpt", "best")
         if test_ckpt not in ("best", "last"):
             raise ValueError(f"test_ckpt must be best or last, got {test_ckpt!r}")
@@ -72,39 +78,76 @@ def _finish_loggers(trainer: pl.Trainer | None) -> None:
         pass
 
 
-def _prepare(cfg: DictConfig, overrides: Sequence[str]) -> tuple[RunDir, dict[str, Any] | None]:
+#: Config keys whose files are noted by their readers (data loaders), not by the config walk.
+_NOT_WALKED = ("paths", "run_dir", "data", "logger", "callbacks", "hydra")
+
+
+def _prepare(
+    cfg: DictConfig, overrides: Sequence[str], splits: Sequence[str | None]
+) -> tuple[RunDir, dict[str, Any] | None]:
+    """Skip a current finished run; otherwise check the data (``splits``) and take the run
+    directory. Call inside :func:`xmodal.inputs.recording`, so what it reads is recorded."""
     OmegaConf.resolve(cfg)  # sub-configs (e.g. the backbone) are used detached from the root
     run = RunDir(cfg, overrides)
     if run.finished and not cfg.force:
-        log.info(
-            "run %s is finished (metrics.json exists); skipping. Use force=true to redo.", run.path
+        reason = run.stale_reason()
+        if reason is None:
+            log.info(
+                "run %s is finished and its config and inputs are unchanged; skipping. Use "
+                "force=true to redo it.",
+                run.path,
+            )
+            return run, read_metrics(run.path)
+        run.redo_reason = reason
+        log.warning(
+            "run %s is finished, but %s: redoing it (its old results move to %s/)",
+            run.path,
+            reason,
+            PREVIOUS_DIR,
         )
-        return run, read_metrics(run.path)
     if cfg.get("print_config"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
     check_slurm_allocation(cfg.trainer)
     import lightning.pytorch as pl
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    from xmodal.data.datamodule import ensure_shapes_world
+    from xmodal.data.datamodule import check_data, ensure_shapes_world
 
     ensure_shapes_world(cfg.data, cfg.paths.shapes_dir, rank=run.rank)
+    check_data(cfg.data, splits)  # a broken dataset stops here, before any model is built
+    inputs.note_config_files(OmegaConf.to_container(cfg, resolve=True), skip=_NOT_WALKED)
     run.start()
     return run, None
 
 
+def _build_backbone(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """The run's backbone; random-init weights are drawn from ``cfg.seed`` alone (the embedding
+    cache keys them on it), whatever consumed the random state before."""
+    import torch
+
+    from xmodal import backbones
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.seed))
+        return backbones.build(cfg.backbone)
+
+
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run a training-free evaluator (``cfg.evaluator``) and return its metrics."""
-    from xmodal import backbones
+    with inputs.recording() as used:
+        run, done = _prepare(cfg, overrides, [cfg.data.split])
+        if done is not None:
+            return done
+        return _evaluate(cfg, run, used)
+
+
+def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any]:
     from xmodal.evaluators.base import EvalContext
     from xmodal.retrieval.cache import EmbeddingCache
 
-    run, done = _prepare(cfg, overrides)
-    if done is not None:
-        return done
     trainer = None
     try:
-        model, preprocess, tokenizer = backbones.build(cfg.backbone)
+        model, preprocess, tokenizer = _build_backbone(cfg)
         trainer = build_trainer(cfg, training=False)
         run.note(world_size=trainer.world_size)
         evaluator = instantiate(cfg.evaluator)
@@ -118,7 +161,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             run_dir=Path(cfg.run_dir),
         )
         metrics = evaluator.evaluate(ctx)
-        run.finish(metrics)
+        run.finish(metrics, used)
         return metrics
     except BaseException as err:
         run.fail(err)
@@ -129,9 +172,15 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fit ``cfg.method`` (a LightningModule with ``from_config``), test it, return metrics."""
-    run, done = _prepare(cfg, overrides)
-    if done is not None:
-        return done
+    data = cfg.data
+    with inputs.recording() as used:
+        run, done = _prepare(cfg, overrides, [data.train_split, data.val_split, data.split])
+        if done is not None:
+            return done
+        return _train(cfg, run, used)
+
+
+def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any]:
     trainer = None
     try:
         method_cls = get_class(cfg.method._target_)
@@ -154,7 +203,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             )
         metrics.update(getattr(module, "extra_metrics", {}))
-        run.finish(metrics)
+        run.finish(metrics, used)
         return metrics
     except BaseException as err:
         run.fail(err)

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xmodal.errors import DatasetLayoutError
 
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset on disk is missing, incomplete or malformed.
-
-    The message is one paragraph: what was expected (the layout), what was found (the missing or
-    malformed file) and what to run to fix it (``scripts/prepare_<dataset>.py``).
-    """
+__all__ = [
+    "CIRSplit",
+    "ClassificationSplit",
+    "DatasetLayoutError",
+    "RetrievalSplit",
+    "layout_error",
+]
 
 
 def layout_error(dataset: str, problem: str, root: Path | str, layout: str) -> DatasetLayoutError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from xmodal import inputs
 from xmodal.data.base import CIRSplit, ClassificationSplit, RetrievalSplit
 
 FAMILIES = ("coco", "flickr30k", "fashioniq", "cirr", "imagenet", "coop")
@@ -47,8 +48,32 @@ def load_split(data_cfg: DictConfig, split: str | None = None) -> Any:
     """Load one split of the configured dataset.
 
     Returns a ``RetrievalSplit`` (coco, flickr30k), a ``ClassificationSplit`` (imagenet, coop), a
-    ``CIRSplit`` (cirr) or a dict category -> ``CIRSplit`` (fashioniq).
+    ``CIRSplit`` (cirr) or a dict category -> ``CIRSplit`` (fashioniq). The split's images are
+    noted as inputs of the run being recorded (``xmodal.inputs``), as the loader notes its
+    annotation files.
     """
+    loaded = _load(data_cfg, split)
+    inputs.note_all(split_images(loaded))
+    return loaded
+
+
+def split_images(split: Any) -> list[Any]:
+    """Every image reference of a loaded split (or dict of splits)."""
+    if isinstance(split, dict):
+        return [ref for part in split.values() for ref in split_images(part)]
+    if isinstance(split, CIRSplit):
+        return list(split.name_to_path.values())
+    return list(getattr(split, "image_paths", []))
+
+
+def check_data(data_cfg: DictConfig, splits: Sequence[str | None]) -> None:
+    """Load ``splits`` once so a missing or malformed dataset stops the run before any model is
+    built (with its one-paragraph ``DatasetLayoutError``)."""
+    for name in dict.fromkeys(s for s in splits if s):
+        load_split(data_cfg, name)
+
+
+def _load(data_cfg: DictConfig, split: str | None) -> Any:
     family = data_cfg.family
     split = split or data_cfg.split
     root = data_cfg.root

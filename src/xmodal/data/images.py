@@ -21,17 +21,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from xmodal import inputs
 from xmodal.data.base import DatasetLayoutError, layout_error
+from xmodal.errors import CorruptImageError
 
 TAR_SEP = "::"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
 ON_CORRUPT = ("fail", "skip")
 
 ImageRef = str | Path
-
-
-class CorruptImageError(OSError):
-    """An image file is missing, truncated or not decodable."""
 
 
 # Tar handles are cached per process: a forked DataLoader worker must not share the parent's file
@@ -157,9 +155,14 @@ class ImageDataset(Dataset):
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted like torchvision's ImageFolder."""
+    """Image files under ``folder`` (recursive), sorted like torchvision's ImageFolder.
+
+    The folders walked are noted as run inputs (:mod:`xmodal.inputs`): adding or removing an
+    image changes a folder's modification time, and with it the split.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        inputs.note(dirpath)
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(IMG_EXTENSIONS):
@@ -188,6 +191,8 @@ class Layout:
         if not ok:
             found = "" if not path.exists() else f" (it exists but is not a {kind})"
             raise self.error(f"missing {kind} {path}{found}")
+        if kind == "file":
+            inputs.note(path)  # an annotation file: its content decides the split
         return path
 
     def read_text(self, path: Path) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.inputs import content_digest
 from xmodal.retrieval.cache import digest
 
 if TYPE_CHECKING:
@@ -39,11 +40,16 @@ class EvalContext:
         return self.trainer.global_rank == 0
 
     def embedding_key(self, kind: str, items: list[Any], **extra: Any) -> dict[str, Any]:
-        """Cache key of the embeddings of ``items`` (image refs or texts) under this backbone."""
+        """Cache key of the embeddings of ``items`` (image refs or texts) under this backbone.
+
+        Images are keyed by their files' fingerprints too (a replaced image is re-encoded) and by
+        ``data.on_corrupt`` (which decides whether an unreadable one is dropped or fails); a
+        random-init backbone by the seed its weights were drawn from.
+        """
         from xmodal.backbones import identity
 
         data = self.cfg.data
-        return {
+        key = {
             "backbone": identity(self.cfg.backbone),
             "dataset": data.name,
             "root": str(Path(data.root).resolve()),
@@ -53,6 +59,12 @@ class EvalContext:
             "transform": repr(self.preprocess) if kind == "image" else None,
             **extra,
         }
+        if kind == "image":
+            key["content"] = content_digest(items)
+            key["on_corrupt"] = str(data.on_corrupt)
+        if not self.cfg.backbone.get("pretrained"):
+            key["init_seed"] = int(self.cfg.seed)  # cf. xmodal.pipeline._build_backbone
+        return key
 
     def loader_kwargs(self) -> dict[str, Any]:
         return {"batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers}

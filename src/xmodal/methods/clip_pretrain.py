@@ -187,5 +187,9 @@ class ClipPretrain(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.export_path and self.trainer.global_rank == 0:
             from xmodal import backbones
+            from xmodal.runs import atomic_write_json
 
-            backbones.save_checkpoint(self.model, self.export_path, self.backbone_cfg)
+            path = backbones.save_checkpoint(self.model, self.export_path, self.backbone_cfg)
+            # the file carries its hash: runs that consume it record it, and see a re-export
+            sidecar = {**backbones.file_identity(path), "run_dir": self.trainer.default_root_dir}
+            atomic_write_json(path.with_name(path.name + ".json"), sidecar)

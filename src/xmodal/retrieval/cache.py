@@ -1,9 +1,11 @@
 """On-disk embedding cache for frozen encoders.
 
 An entry is keyed by everything that determines the embeddings: the backbone identity (architecture,
-weights, QuickGELU, preprocessing), the dataset, split and item list, the transform and the kind of
-item (image or text) plus any sampler state (e.g. an MC-dropout pass and its seed). A sweep over
-uncertainty methods therefore encodes a dataset once.
+the weights' content hash, or the seed of random-init weights, QuickGELU, preprocessing), the
+dataset, split and item list with each image file's fingerprint (size and modification time, so a
+replaced image is re-encoded), the policy for corrupt images, the transform and the kind of item
+(image or text) plus any sampler state (e.g. an MC-dropout pass and its seed). A sweep over
+uncertainty methods therefore encodes a dataset once, and never reuses embeddings of other inputs.
 
 Writes are atomic (temp file in the same folder + ``os.replace``): an interrupted run never leaves a
 half-written entry, and a reader sees either the old entry or the new one.
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from xmodal.errors import broken_file
 
 
 def digest(items: Sequence[Any]) -> str:
@@ -53,7 +57,17 @@ class EmbeddingCache:
         path = self.path(parts)
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry gets the same advice
+            raise broken_file(
+                path,
+                f"this embedding cache entry cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
+                "was not written by xmodal",
+                f"delete it (`rm {path} {path.with_suffix('.json')}`) and re-run to recompute "
+                "it, or run with evaluator.cache=false",
+            ) from None
 
     def save(self, parts: Mapping[str, Any], value: Any) -> Path:
         path = self.path(parts)
