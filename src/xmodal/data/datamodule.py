@@ -182,6 +182,10 @@ def train_loader(
     sampler = EpochSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
+    if trainer is not None:
+        # Lightning builds the first iterator (and with workers, copies the dataset into them)
+        # before it sets the epoch: a run resumed at epoch e would replay epoch 0's order
+        sampler.set_epoch(trainer.current_epoch)
     local = global_batch_size // world
     return DataLoader(
         dataset,
