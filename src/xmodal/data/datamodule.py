@@ -81,7 +81,8 @@ def load_split(data_cfg: DictConfig, split: str | None = None) -> Any:
     if family == "imagenet":
         from xmodal.data import imagenet
 
-        return imagenet.load(root, variant=data_cfg.dataset or "imagenet")
+        variant = data_cfg.dataset or "imagenet"
+        return imagenet.load(root, variant=variant, num_classes=data_cfg.get("num_classes"))
     if family == "coop":
         from xmodal.data import coop
 
