@@ -28,9 +28,9 @@ queries; ``i2t``: image queries): ``S``, ``R2``, ``-SR2`` on ``num_bins`` confid
 extra ``AUROC`` and ``AURC`` of the confidence for a correct top-1 (and ``ECE`` for the one
 probability-like confidence, ``top1_consistency``: see :data:`PROBABILITY_METHODS`), the rejection
 areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percent). Rejection curves
-and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` is the
-released code's query-index order). It writes ``calibration.png``, ``rejection.png`` and
-``curves.json`` into the run directory.
+and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
+them in query-index order, the released code's sort made deterministic). It writes
+``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
 """
 
 from __future__ import annotations

@@ -25,8 +25,10 @@ Conventions (shared with :mod:`xmodal.evaluators.uclip`):
   group of g tied queries holding h hits takes h/g of a hit per query it takes. The result then
   depends on the confidences only, never on how the queries happen to be stored (COCO's captions
   are image by image, so a tie-break by index favours some images). ``ties="index"`` breaks ties
-  by query index (a stable sort), the released uCLIP code's order (``torch.argsort``, stable on
-  its CPU and large-CUDA paths). AUROC counts a tie one half, the same expectation.
+  by query index (a stable sort): the released uCLIP code sorts with a plain ``torch.argsort``,
+  whose order among ties is unspecified and depends on the device and size; query-index order is
+  its deterministic restatement (``tests/uclip_reference.py``). AUROC counts a tie one half, the
+  same expectation.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def rejection_curve(
     ``removed`` = 0, step, 2·step, ... up to (excluding) the number of queries; ``recall`` is the
     float32 hit rate of the remaining queries. A cut through tied confidences removes their
     expected share of hits (``ties="average"``) or the lowest query indices first
-    (``ties="index"``, the released uCLIP code's order); see the module doc.
+    (``ties="index"``, the released uCLIP code's sort made deterministic); see the module doc.
     """
     confidence, hits = _check(confidence, hits)
     if step < 1:
