@@ -11,7 +11,9 @@
   ``imagenet-rendition/imagenet-r/``, ``imagenetv2/imagenetv2-matched-frequency-format-val/``,
   ``imagenet-sketch/images/``.
 
-Nothing is deleted. Then every variant present is loaded and counted.
+Nothing is deleted. Then every variant present is loaded and counted; a variant must hold its
+official number of classes (1000; A and R 200) unless ``--num-classes VARIANT=N`` declares another
+(a copy such as the shapes world; the ``data.num_classes`` of its config).
 
     python scripts/prepare_imagenet.py --data-root data --val-images ~/ILSVRC2012_img_val \\
         --devkit ~/ILSVRC2012_devkit_t12 --classnames ~/coop/imagenet/classnames.txt
@@ -79,20 +81,23 @@ def sort_val(val_images: Path, labels: dict[str, str], out: Path, move: bool) ->
     prepare.report("move" if move else "link", f"{done} val images into {out}/<wnid>/")
 
 
-def counts(data_root: Path, variant: str) -> str:
+def counts(data_root: Path, variant: str, num_classes: int | None = None) -> str:
     """Load one variant; its counts as printed after ``ok``."""
-    data = imagenet.load(data_root, variant)
+    data = imagenet.load(data_root, variant, num_classes)
     return (
         f"{variant:15s} {len(data.image_paths):7d} images "
         f"{len(set(data.labels)):5d} classes present, {len(data.classnames)}-way"
     )
 
 
-def present(data_root: Path) -> Iterator[tuple[str, Callable[[], str]]]:
+def present(
+    data_root: Path, num_classes: dict[str, int] | None = None
+) -> Iterator[tuple[str, Callable[[], str]]]:
     """``(variant, load)`` for each variant whose folder exists; prints ``skip`` for the others."""
+    num_classes = num_classes or {}
     for variant, spec in imagenet.VARIANTS.items():
         if (data_root / spec.folder).is_dir():
-            yield variant, partial(counts, data_root, variant)
+            yield variant, partial(counts, data_root, variant, num_classes.get(variant))
         else:
             prepare.report("skip", f"{variant:15s} ({data_root / spec.folder} not found)")
 
@@ -107,7 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--classnames", type=Path, help="CoOp imagenet/classnames.txt")
     parser.add_argument("--move", action="store_true", help="move val images instead of linking")
+    parser.add_argument(
+        "--num-classes",
+        action="append",
+        default=[],
+        metavar="VARIANT=N",
+        help="class count of a non-official copy (e.g. imagenet_a=16); repeatable",
+    )
     args = parser.parse_args(argv)
+    num_classes = {}
+    for item in args.num_classes:
+        variant, _, n = item.partition("=")
+        if variant not in imagenet.VARIANTS or not n.isdigit():
+            parser.error(
+                f"--num-classes {item}: expected VARIANT=N, VARIANT in {list(imagenet.VARIANTS)}"
+            )
+        num_classes[variant] = int(n)
 
     if args.classnames:
         prepare.link(args.classnames, args.data_root / imagenet.CLASSNAMES, resolve=True)
@@ -121,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: --val-images needs --devkit or --val-labels")
         out = args.data_root / imagenet.VARIANTS["imagenet"].folder
         sort_val(args.val_images.expanduser().resolve(), labels, out, args.move)
-    return 0 if prepare.validate(present(args.data_root)) else 1
+    return 0 if prepare.validate(present(args.data_root, num_classes)) else 1
 
 
 if __name__ == "__main__":

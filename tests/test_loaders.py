@@ -261,10 +261,25 @@ def classnames(world: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in lines)
 
 
+#: variant -> its key in the shapes world's MANIFEST.json
+SHAPES_KEY = {
+    "imagenet": "imagenet",
+    "imagenet_a": "imagenet-a",
+    "imagenet_r": "imagenet-r",
+    "imagenet_v2": "imagenetv2",
+    "imagenet_sketch": "imagenet-sketch",
+}
+
+
+def load_shapes_imagenet(world: Path, manifest: dict, variant: str):
+    """A variant of the shapes world, which has its own class counts (48; A and R 16)."""
+    return imagenet.load(world, variant, manifest[SHAPES_KEY[variant]]["test"]["classes"])
+
+
 @pytest.mark.parametrize("variant", ["imagenet", "imagenet_sketch"])
-def test_imagenet_full_label_space(world: Path, variant: str) -> None:
+def test_imagenet_full_label_space(world: Path, manifest: dict, variant: str) -> None:
     names = classnames(world)
-    data = imagenet.load(world, variant)
+    data = load_shapes_imagenet(world, manifest, variant)
     assert data.classnames == list(names.values())
     assert all(
         data.classnames[y] == names[p.parent.name] for p, y in zip(data.image_paths, data.labels)
@@ -279,7 +294,7 @@ def test_imagenet_a_r_are_subset_classifiers(
     world: Path, manifest: dict, variant: str, key: str
 ) -> None:
     names = classnames(world)
-    data = imagenet.load(world, variant)
+    data = load_shapes_imagenet(world, manifest, variant)
     wnids = sorted({p.parent.name for p in data.image_paths})
     assert len(data.classnames) == len(wnids) == manifest[key]["test"]["classes"] < len(names)
     assert len(data.image_paths) == manifest[key]["test"]["images"]
@@ -293,7 +308,7 @@ def test_imagenet_a_r_are_subset_classifiers(
 
 def test_imagenet_v2_label_is_folder_index(world: Path, manifest: dict) -> None:
     names = classnames(world)
-    data = imagenet.load(world, "imagenet_v2")
+    data = load_shapes_imagenet(world, manifest, "imagenet_v2")
     assert all(y == int(p.parent.name) for p, y in zip(data.image_paths, data.labels))
     assert data.classnames == list(names.values())
     assert len(data.image_paths) == manifest["imagenetv2"]["test"]["images"]
@@ -431,6 +446,81 @@ def test_errors_imagenet(world: Path, tmp_path: Path) -> None:
     assert "n99999999" in text and "classnames.txt" in text
 
 
+def _official_sized_imagenet(world: Path, root: Path) -> tuple[list[str], Path]:
+    """An ImageNet tree with the official class counts (1000; A and R 200), one image per class
+    folder (a link to a shapes-world image): 1000 wnids, val, V2 and Sketch, A and R."""
+    image = next((world / "imagenet/images/val").glob("*/*.JPEG"))
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    (root / "imagenet").mkdir(parents=True)
+    (root / "imagenet/classnames.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
+    for variant, spec in imagenet.VARIANTS.items():
+        folders = [str(i) for i in range(1000)] if variant == "imagenet_v2" else wnids
+        for name in folders[: spec.num_classes]:
+            (root / spec.folder / name).mkdir(parents=True)
+            (root / spec.folder / name / "1.jpg").symlink_to(image)
+    return wnids, image
+
+
+def test_partial_imagenet_downloads_are_refused(world: Path, tmp_path: Path, caplog) -> None:
+    """A missing class folder must not silently turn a 200-way classifier into a 199-way one."""
+    import shutil
+
+    root = tmp_path / "data"
+    wnids, _ = _official_sized_imagenet(world, root)
+    with caplog.at_level(logging.WARNING, logger="xmodal.data.imagenet"):
+        for variant, spec in imagenet.VARIANTS.items():
+            data = imagenet.load(root, variant)
+            assert len(data.classnames) == spec.num_classes and len(data.image_paths) == (
+                spec.num_classes
+            )
+    assert "the official ImageNet-A has 7500" in caplog.text  # one image per class: a warning
+
+    folder_a = root / "imagenet-adversarial/imagenet-a"
+    shutil.rmtree(folder_a / wnids[7])
+    text = layout_message(lambda: imagenet.load(root, "imagenet_a"), "imagenet")
+    assert f"{folder_a}: found 199 ImageNet-A class folders, expected 200" in text
+    assert "partial download" in text and "data.num_classes" in text
+
+    folder_val = root / "imagenet/images/val"
+    shutil.rmtree(folder_val / wnids[3])
+    text = layout_message(lambda: imagenet.load(root, "imagenet"), "imagenet")
+    assert f"{folder_val}: found 999 ImageNet val class folders (missing e.g. {wnids[3]})" in text
+    assert "expected 1000" in text
+
+    folder_v2 = root / imagenet.VARIANTS["imagenet_v2"].folder
+    shutil.rmtree(folder_v2 / "512")
+    text = layout_message(lambda: imagenet.load(root, "imagenet_v2"), "imagenet")
+    assert "found 999 ImageNet-V2 class folders (missing e.g. 512), expected 1000" in text
+
+    folder_r = root / "imagenet-rendition/imagenet-r"
+    (folder_r / wnids[0] / "1.jpg").unlink()
+    text = layout_message(lambda: imagenet.load(root, "imagenet_r"), "imagenet")
+    assert f"1 of the 200 class folders in {folder_r} hold no images (e.g. {wnids[0]})" in text
+
+    names = root / "imagenet/classnames.txt"
+    names.write_text("".join(names.read_text().splitlines(keepends=True)[:-1]))
+    text = layout_message(lambda: imagenet.load(root, "imagenet_sketch"), "imagenet")
+    assert f"{names}: found 999 classes, expected 1000" in text
+
+
+def test_declared_class_counts_load_the_shapes_world(world: Path, manifest: dict, xmodal_env):
+    """The shapes world has fewer classes; its data configs declare them (data.num_classes)."""
+    from xmodal.config import compose
+    from xmodal.data.datamodule import load_split
+
+    for variant, key in SHAPES_KEY.items():
+        cfg = compose("eval", [f"data=shapes_{variant}", "data.shapes_world=small"])
+        data = load_split(cfg.data)
+        assert len(data.classnames) == cfg.data.num_classes == manifest[key]["test"]["classes"]
+        assert cfg.data.num_classes < imagenet.VARIANTS[variant].num_classes
+        # without the declaration the official count is required, and a wrong one is refused
+        text = layout_message(lambda v=variant: imagenet.load(world, v), "imagenet")
+        assert "partial download" in text
+        wrong = cfg.data.num_classes + 1
+        text = layout_message(lambda v=variant, n=wrong: imagenet.load(world, v, n), "imagenet")
+        assert f"expected {wrong}; data.num_classes declares" in text
+
+
 def test_errors_coop(world: Path, tmp_path: Path) -> None:
     text = layout_message(lambda: coop.load(tmp_path, "dtd"), "coop")
     assert str(tmp_path / "dtd" / "split_zhou_DescribableTextures.json") in text
@@ -494,12 +584,13 @@ def test_prepare_help(name: str, capsys: pytest.CaptureFixture) -> None:
     )
 
 
-def test_prepare_validate_world(world: Path, capsys: pytest.CaptureFixture) -> None:
+def test_prepare_validate_world(world: Path, manifest: dict, capsys: pytest.CaptureFixture) -> None:
     assert script("prepare_coco").main(["--root", str(world / "coco")]) == 0
     assert script("prepare_flickr30k").main(["--root", str(world / "flickr30k")]) == 0
     assert script("prepare_fashioniq").main(["--root", str(world / "fashioniq")]) == 0
     assert script("prepare_cirr").main(["--root", str(world / "cirr")]) == 0
-    assert script("prepare_imagenet").main(["--data-root", str(world)]) == 0
+    counts = [f"--num-classes={v}={manifest[k]['test']['classes']}" for v, k in SHAPES_KEY.items()]
+    assert script("prepare_imagenet").main(["--data-root", str(world), *counts]) == 0
     assert script("prepare_coop").main(["--data-root", str(world)]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "10/10 datasets ready" in out
@@ -569,8 +660,12 @@ def test_prepare_imagenet_sorts_val(world: Path, tmp_path: Path) -> None:
         str(devkit.parent),
         "--classnames",
         str(world / "imagenet/classnames.txt"),
+        f"--num-classes=imagenet={len(names)}",
     ]
     assert script("prepare_imagenet").main(args) == 0
-    data, ref = imagenet.load(out, "imagenet"), imagenet.load(world, "imagenet")
+    data, ref = (
+        imagenet.load(out, "imagenet", len(names)),
+        imagenet.load(world, "imagenet", len(names)),
+    )
     assert [p.name for p in data.image_paths] == [p.name for p in ref.image_paths]
     assert data.labels == ref.labels

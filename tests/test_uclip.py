@@ -229,8 +229,8 @@ def test_rejection_curves_match_official(synthetic):
         (mean.T, truth.T, image_conf, ranks["i2t"], 3),
     ):
         for k in (1, 5, 10):
-            official = ref.rejection(scores, pos, conf, step, k)
-            removed, recall = rejection_curve(conf, rank < k, step)
+            official = ref.rejection(scores, pos, conf, step, k)  # ties in query-index order
+            removed, recall = rejection_curve(conf, rank < k, step, ties="index")
             assert [(n, r) for n, r in zip(removed.tolist(), recall.tolist())] == official
             assert rejection_area(removed, recall) == ref.rejection_area(official)
 
@@ -259,8 +259,12 @@ def test_rejection_auroc_aurc_ece_hand_computed():
     # positive-negative pairs won: 0.9 beats 3, 0.8 beats 2 and ties 1 -> 5.5 / 6
     assert confidence_auroc(conf, correct) == pytest.approx(5.5 / 6)
     assert confidence_auroc(-conf, correct) == pytest.approx(0.5 / 6)  # any sign, no sigmoid
-    # risks at coverages 1..5, the 0.8 tie accepted together: 0, 1/3, 1/3, 2/4, 3/5
-    assert confidence_aurc(conf, correct) == pytest.approx((0 + 2 / 3 + 0.5 + 0.6) / 5)
+    # risks at coverages 1..5: 0, then the 0.8 tie (one error in two) in either order:
+    # 1/2 on average at coverage 2 (0.25), 1/3, 2/4, 3/5; index order takes the error first
+    assert confidence_aurc(conf, correct) == pytest.approx((0 + 0.25 + 1 / 3 + 0.5 + 0.6) / 5)
+    assert confidence_aurc(conf, correct, ties="index") == pytest.approx(
+        (0 + 0.5 + 1 / 3 + 0.5 + 0.6) / 5
+    )
     ece = confidence_ece(torch.tensor([0.9, 0.9, 0.2, 0.2]), torch.tensor([1, 0, 0, 0]))
     assert ece == pytest.approx(0.5 * 0.4 + 0.5 * 0.2)
     assert math.isnan(confidence_ece(torch.tensor([-0.1, 0.5]), torch.tensor([1, 0])))
@@ -375,14 +379,17 @@ def shapes_mcd_run(xmodal_env, shapes_world, tmp_path_factory):
 
 
 def test_xmodal_eval_shapes_mcd_end_to_end(shapes_mcd_run, xmodal_env):
-    """metrics.json with both directions' S, R², −S·R², AUROC, AURC, ECE, rejection areas; PNGs."""
+    """metrics.json with both directions' S, R², −S·R², AUROC, AURC, rejection areas (ECE for
+    top1_consistency only: the one probability-like confidence); PNGs."""
     from xmodal.runs import read_metrics
 
     run, _, _ = shapes_mcd_run
     metrics = read_metrics(run)
     for d in ("t2i", "i2t"):
-        for key in ("S", "R2", "-SR2", "AUROC", "AURC", "ECE"):
+        for key in ("S", "R2", "-SR2", "AUROC", "AURC"):
             assert f"test/{d}/{key}" in metrics and f"test/top1_similarity/{d}/{key}" in metrics
+        assert 0 <= metrics[f"test/top1_consistency/{d}/ECE"] <= 1
+        assert f"test/{d}/ECE" not in metrics and f"test/top1_similarity/{d}/ECE" not in metrics
         for k in (1, 5, 10):
             ours, oracle = (
                 metrics[f"test/{d}/rejection/R@{k}"],

@@ -151,6 +151,7 @@ class DataConfig:
     val_split: str | None = "val"
     format: str = "auto"
     dataset: str | None = None  # imagenet variant or CoOp dataset name
+    num_classes: int | None = None  # imagenet family: class folders required; None = official
     categories: list[str] = field(default_factory=list)  # FashionIQ categories
     protocol: str = "clip4cir"  # FashionIQ evaluation protocol (datasets/cir.md §1.3)
     remove_reference: bool | None = None

@@ -44,8 +44,10 @@ from xmodal.retrieval.search import DEFAULT_CHUNK_SIZE
 #: - ``both_orders``: FashionIQ gives one sample per caption order, "c1 and c2" and "c2 and c1"
 #:   (VAL/MUR/PLI style; under ``protocol=val`` the caption-pair lines already are one per order,
 #:   so each line is one sample).
-#: - ``random``: CLIP4Cir's, drawn anew each time: "C1 and c2", "C2 and c1", "C1" or "C2"
-#:   (p = 1/4 each, captions stripped of ".?, ", the first capitalised).
+#: - ``random``: CLIP4Cir's, drawn anew each epoch: "C1 and c2", "C2 and c1", "C1" or "C2"
+#:   (p = 1/4 each, captions stripped of ".?, ", the first capitalised). The draw is a function of
+#:   (seed, epoch, sample index) only (:class:`TripletDataset`), so it differs across epochs and
+#:   samples and does not depend on the number of DataLoader workers or processes.
 #: - ``fixed``: the protocol's evaluation text (clip4cir: "C1 and c2"; val: own + sibling caption).
 #: - ``blip_caption``: HUG's, the captions joined with ", " then LAVIS' ``blip_caption`` cleaning
 #:   (:func:`blip_caption`); the evaluation queries use the same text (:func:`query_texts`).
@@ -137,7 +139,14 @@ class PixelStore:
 
 class TripletDataset(Dataset):
     """Training triplets of one or more CIR splits: items ``(index, ref_pixels, text, tgt_pixels)``
-    where ``index`` numbers the samples of this dataset."""
+    where ``index`` numbers the samples of this dataset.
+
+    A ``random`` text is drawn from ``random.Random(f"{seed}:{epoch}:{index}")``: a fresh draw per
+    epoch (``epoch`` is set by :class:`xmodal.data.datamodule.EpochSampler` before each epoch's
+    workers start) that is the same for any number of workers or processes and for a resumed run.
+    A generator held by the dataset would be copied into every worker and never advance there:
+    with 2 workers both drew the same sequence, epoch after epoch.
+    """
 
     def __init__(
         self,
@@ -157,7 +166,8 @@ class TripletDataset(Dataset):
             texts = training_texts(split, text_mode, max_words)
             self.rows += [(split, i, text) for i, text in texts]
         self.pixels = pixels
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -165,7 +175,8 @@ class TripletDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Tensor, str, Tensor]:
         split, i, text = self.rows[index]
         if text is None:
-            text = random_fiq_text(split.captions[i], self.rng)
+            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+            text = random_fiq_text(split.captions[i], rng)
         ref = self.pixels(split.name_to_path[split.reference[i]])
         tgt = self.pixels(split.name_to_path[split.target[i]])
         return index, ref, text, tgt

@@ -106,7 +106,8 @@ def _load(data_cfg: DictConfig, split: str | None) -> Any:
     if family == "imagenet":
         from xmodal.data import imagenet
 
-        return imagenet.load(root, variant=data_cfg.dataset or "imagenet")
+        variant = data_cfg.dataset or "imagenet"
+        return imagenet.load(root, variant=variant, num_classes=data_cfg.get("num_classes"))
     if family == "coop":
         from xmodal.data import coop
 
@@ -207,6 +208,10 @@ def train_loader(
     sampler = EpochSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
+    if trainer is not None:
+        # Lightning builds the first iterator (and with workers, copies the dataset into them)
+        # before it sets the epoch: a run resumed at epoch e would replay epoch 0's order
+        sampler.set_epoch(trainer.current_epoch)
     local = global_batch_size // world
     return DataLoader(
         dataset,

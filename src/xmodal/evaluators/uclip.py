@@ -25,8 +25,11 @@ The evaluator encodes the posterior samples through the embedding cache (an MC-d
 keyed by its index and seed), so a sweep over methods encodes once, then reports for ``method``
 (and every method in ``compare``, under ``test/<method>/...``), per direction (``t2i``: caption
 queries; ``i2t``: image queries): ``S``, ``R2``, ``-SR2`` on ``num_bins`` confidence bins, the
-extra ``AUROC``, ``AURC`` and ``ECE`` of the confidence for a correct top-1, the rejection areas
-``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percent). It writes
+extra ``AUROC`` and ``AURC`` of the confidence for a correct top-1 (and ``ECE`` for the one
+probability-like confidence, ``top1_consistency``: see :data:`PROBABILITY_METHODS`), the rejection
+areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percent). Rejection curves
+and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
+them in query-index order, the released code's sort made deterministic). It writes
 ``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
 """
 
@@ -47,6 +50,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 
 from xmodal.metrics.calibration import (
+    TIES,
     calibration_scores,
     confidence_aurc,
     confidence_auroc,
@@ -65,6 +69,10 @@ METHODS = (
     "adversarial",
     "adversarial_linear",
 )
+#: Confidences that estimate the probability of a correct top-1, the only ones ECE is reported for:
+#: the fraction of posterior samples agreeing on it. A cosine (top1_similarity), a mean Jaccard
+#: (top5_consistency) or tanh of a distance (adversarial*) lies in [0, 1] without being one.
+PROBABILITY_METHODS = ("top1_consistency",)
 SAMPLERS = ("mcd", "ensemble", "single")
 VARIANTS = ("corrected", "official")
 DIRECTIONS = ("t2i", "i2t")
@@ -514,6 +522,7 @@ class UCLIPConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     rejection_step_t2i: int = 500
     rejection_step_i2t: int = 100
+    ties: str = "average"
     ece_bins: int = 15
     block_size: int = DEFAULT_BLOCK_SIZE
     device: str = "auto"
@@ -551,6 +560,7 @@ class UCLIPEvaluator:
         ks: Sequence[int] = (1, 5, 10),
         rejection_step_t2i: int = 500,
         rejection_step_i2t: int = 100,
+        ties: str = "average",
         ece_bins: int = 15,
         block_size: int = DEFAULT_BLOCK_SIZE,
         device: str = "auto",
@@ -561,6 +571,8 @@ class UCLIPEvaluator:
             _check_choice(key, value, METHODS)
         _check_choice("sampler", sampler, SAMPLERS)
         _check_choice("variant", variant, VARIANTS)
+        _check_choice("ties", ties, TIES)
+        self.ties = ties
         self.methods = [method] + [m for m in dict.fromkeys(compare) if m != method]
         self.sampler, self.variant = sampler, variant
         if sampler == "mcd" and (passes < 1 or not 0.0 <= dropout < 1.0):
@@ -722,26 +734,24 @@ class UCLIPEvaluator:
         """Rejection curves of one direction for every k: (areas in percent, curves)."""
         areas, curves = {}, {}
         for k in self.ks:
-            removed, recall = rejection_curve(conf, ranks < k, step)
+            removed, recall = rejection_curve(conf, ranks < k, step, ties=self.ties)
             areas[f"R@{k}"] = 100.0 * rejection_area(removed, recall)
             curves[f"R@{k}"] = [removed.tolist(), recall.tolist()]
         return areas, curves
 
     def direction_metrics(
-        self, conf: Tensor, ranks: Tensor, step: int
+        self, conf: Tensor, ranks: Tensor, step: int, probability: bool = False
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        """Calibration and rejection metrics of one direction: (scalars, curves for the plots)."""
+        """Calibration and rejection metrics of one direction: (scalars, curves for the plots).
+        ``probability``: the confidence estimates P(correct top-1), so ECE is reported too."""
         correct = ranks < 1
         bins = confidence_bins(conf, correct, self.num_bins)
         scalars: dict[str, Any] = dict(calibration_scores(bins))
-        scalars.update(
-            {
-                "AUROC": confidence_auroc(conf, correct),
-                "AURC": confidence_aurc(conf, correct),
-                "ECE": confidence_ece(conf, correct, self.ece_bins),
-                "num_bins": len(bins),
-            }
-        )
+        scalars["AUROC"] = confidence_auroc(conf, correct)
+        scalars["AURC"] = confidence_aurc(conf, correct, ties=self.ties)
+        if probability:
+            scalars["ECE"] = confidence_ece(conf, correct, self.ece_bins)
+        scalars["num_bins"] = len(bins)
         areas, rejection = self.rejection(conf, ranks, step)
         scalars.update({f"rejection/{key}": area for key, area in areas.items()})
         return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
@@ -797,7 +807,9 @@ class UCLIPEvaluator:
             prefix = "test" if method == self.methods[0] else f"test/{method}"
             curves["methods"][method] = {}
             for d, conf in zip(DIRECTIONS, posterior.confidence(method, **self.options)):
-                scalars, curve = self.direction_metrics(conf.cpu(), ranks[d], self.steps[d])
+                scalars, curve = self.direction_metrics(
+                    conf.cpu(), ranks[d], self.steps[d], method in PROBABILITY_METHODS
+                )
                 metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
                 curves["methods"][method][d] = curve
         metrics.update(

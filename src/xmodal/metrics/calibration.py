@@ -9,13 +9,26 @@ Conventions (shared with :mod:`xmodal.evaluators.uclip`):
 - **Bins** follow uCLIP's ``get_metrics_by_confidence_intervals`` (uclip.md §5): ``num_bins``
   equal-width bins over [min, max] of the confidence (float32 ``linspace``), ``[lo, hi)`` except
   the last, ``[lo, hi]``; empty bins are dropped. A bin is ``(lo, hi, mean confidence, recall)``.
+  Infinite confidences (uCLIP's oracle gives +inf to a correct top-1) keep their order: the
+  equal-width bins span the finite values, and -inf / +inf each form one more bin below / above
+  them (the official ``linspace`` over an infinite range gives NaN edges and no bin at all, so S
+  and R² were NaN; merging +inf into the top finite bin would mix the oracle's certain queries
+  with its rank-1 misses, and lose the order entirely when the finite values are all equal).
 - **S / R² / −S·R²** (ProbVLM's metrics as uCLIP computes them): x = 0..n−1 indexes the surviving
   bins by increasing confidence, y = their recall; S = −Spearman(x, y) (Spearman between
   uncertainty level and recall, ideal −1), R² of the least-squares line, and −S·R² (ideal +1).
 - **Rejection curves** (``get_metrics_with_selective_removal``): remove the n least confident
   queries, n = 0, step, 2·step, ... < #queries, and report the recall of the rest; the area is the
   trapezoid rule over n / max(n) (uCLIP's ``plot_rejection.py`` legend; higher is better).
-- Ties in confidence are broken by query index (stable sort) wherever an order is needed.
+- **Ties.** Where an order of the queries is needed (rejection curves, AURC), ``ties="average"``
+  (the default) gives the expected value over every order of the tied queries: a cut through a
+  group of g tied queries holding h hits takes h/g of a hit per query it takes. The result then
+  depends on the confidences only, never on how the queries happen to be stored (COCO's captions
+  are image by image, so a tie-break by index favours some images). ``ties="index"`` breaks ties
+  by query index (a stable sort): the released uCLIP code sorts with a plain ``torch.argsort``,
+  whose order among ties is unspecified and depends on the device and size; query-index order is
+  its deterministic restatement (``tests/uclip_reference.py``). AUROC counts a tie one half, the
+  same expectation.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch import Tensor
 from xmodal.metrics.retrieval import positive_ranks
 
 Bin = tuple[float, float, float, float]  # (lo, hi, mean confidence, recall)
+TIES = ("average", "index")
 
 
 def _check(confidence: Tensor, hits: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,22 +67,32 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
 
     ``confidence`` float [Q], ``hits`` bool [Q]. Returns ``(lo, hi, mean confidence, recall)`` per
     non-empty bin in order of increasing confidence. Confidences are compared in float32, as the
-    official code does.
+    official code does. The ``num_bins`` bins span the finite confidences; -inf and +inf each get
+    a bin of their own below / above them, ``(-inf, -inf, -inf, recall)`` and
+    ``(inf, inf, inf, recall)``.
     """
     confidence, hits = _check(confidence, hits)
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
     conf = confidence.float()
-    edges = torch.linspace(conf.min().item(), conf.max().item(), steps=num_bins + 1)
-    bins = []
-    for i in range(num_bins):
-        lo, hi = edges[i].item(), edges[i + 1].item()
-        upper = conf < hi if i < num_bins - 1 else conf <= hi
-        inside = (conf >= lo) & upper
-        if bool(inside.any()):
-            recall = hits[inside].float().mean().item()
-            bins.append((lo, hi, conf[inside].mean().item(), recall))
-    return bins
+    finite = torch.isfinite(conf)
+
+    def infinite_bin(value: float) -> list[Bin]:
+        inside = conf == value
+        return [(value, value, value, hits[inside].float().mean().item())] if inside.any() else []
+
+    bins = infinite_bin(-math.inf)
+    if bool(finite.any()):
+        low, high = conf[finite].min().item(), conf[finite].max().item()
+        edges = torch.linspace(low, high, steps=num_bins + 1)
+        for i in range(num_bins):
+            lo, hi = edges[i].item(), edges[i + 1].item()
+            upper = conf < hi if i < num_bins - 1 else conf <= hi
+            inside = (conf >= lo) & upper  # never an infinite value: one side compares False
+            if bool(inside.any()):
+                recall = hits[inside].float().mean().item()
+                bins.append((lo, hi, conf[inside].mean().item(), recall))
+    return bins + infinite_bin(math.inf)
 
 
 def binned_recall(
@@ -101,19 +125,56 @@ def calibration_scores(bin_recalls: Sequence[Bin] | Sequence[float]) -> dict[str
     return {"S": s, "R2": r2, "-SR2": -s * r2}
 
 
-def rejection_curve(confidence: Tensor, hits: Tensor, step: int) -> tuple[Tensor, Tensor]:
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES} (see xmodal.metrics.calibration)")
+
+
+def _ordered_cumsum(
+    confidence: Tensor, values: Tensor, descending: bool = False, ties: str = "average"
+) -> Tensor:
+    """``out[j]`` = the sum of ``values`` over the first j queries in confidence order, j = 0..Q.
+
+    Ascending confidence (least confident first) unless ``descending``. ``ties="average"``: the
+    expected sum over every order of the tied queries, i.e. a cut that takes m of a tie group's g
+    queries takes m/g of the group's sum; ``"index"``: tied queries in index order. float64 [Q+1].
+    """
+    _check_ties(ties)
+    order = torch.argsort(confidence, descending=descending, stable=True)
+    conf, vals = confidence[order], values[order].double()
+    total = torch.cat([torch.zeros(1, dtype=torch.double), vals.cumsum(0)])
+    if ties == "index" or len(conf) < 2:
+        return total
+    starts = torch.ones(len(conf), dtype=torch.bool)
+    starts[1:] = conf[1:] != conf[:-1]
+    group = starts.long().cumsum(0) - 1  # group of each sorted position
+    first = torch.nonzero(starts).flatten()  # position where each group starts
+    last = torch.cat([first[1:], torch.tensor([len(conf)])])  # one past its end
+    taken = torch.arange(1, len(conf) + 1)  # j queries taken: the j-th is in group[j - 1]
+    g = group[taken - 1]
+    lo, hi = first[g], last[g]
+    share = (total[hi] - total[lo]) / (hi - lo).double()
+    expected = total[lo] + (taken - lo).double() * share
+    return torch.cat([total[:1], expected])
+
+
+def rejection_curve(
+    confidence: Tensor, hits: Tensor, step: int, ties: str = "average"
+) -> tuple[Tensor, Tensor]:
     """Recall after removing the least confident queries: ``(removed [n], recall [n])``.
 
     ``removed`` = 0, step, 2·step, ... up to (excluding) the number of queries; ``recall`` is the
-    float32 hit rate of the remaining queries.
+    float32 hit rate of the remaining queries. A cut through tied confidences removes their
+    expected share of hits (``ties="average"``) or the lowest query indices first
+    (``ties="index"``, the released uCLIP code's sort made deterministic); see the module doc.
     """
     confidence, hits = _check(confidence, hits)
     if step < 1:
         raise ValueError(f"rejection step must be >= 1, got {step}")
-    order = torch.argsort(confidence, stable=True)  # least confident first
-    removed_hits = torch.cat([torch.zeros(1, dtype=torch.long), hits[order].long().cumsum(0)])
+    removed_hits = _ordered_cumsum(confidence, hits, ties=ties)  # least confident first
     removed = torch.arange(0, len(hits), step)
-    remaining_hits = hits.long().sum() - removed_hits[removed]
+    remaining_hits = hits.double().sum() - removed_hits[removed]
+    # float32 like the official hit rate; exact counts under "index" (integers below 2**24)
     recall = remaining_hits.float() / (len(hits) - removed).float()
     return removed, recall
 
@@ -146,28 +207,26 @@ def confidence_auroc(confidence: Tensor, correct: Tensor) -> float:
     return float(binary_auroc(preds, correct.long()))
 
 
-def confidence_aurc(confidence: Tensor, correct: Tensor) -> float:
+def confidence_aurc(confidence: Tensor, correct: Tensor, ties: str = "average") -> float:
     """Area under the risk-coverage curve (Geifman & El-Yaniv), lower is better.
 
     Accepting the most confident queries first, the risk at each coverage is the error rate of the
-    accepted ones; AURC is its mean over the Q coverages i/Q. Tied confidences are accepted
-    together: each query of a tie group gets the risk of the whole group.
+    accepted ones; AURC is its mean over the Q coverages i/Q. Tied confidences: the expected risk
+    over every order of the tied queries (``ties="average"``), or index order (``"index"``).
     """
     confidence, correct = _check(confidence, correct)
-    order = torch.argsort(confidence.double(), descending=True, stable=True)
-    conf_sorted = confidence.double()[order]
-    errors = (~correct[order]).double().cumsum(0)
-    accepted = torch.arange(1, len(order) + 1, dtype=torch.double)
-    group_end = torch.ones(len(order), dtype=torch.bool)
-    group_end[:-1] = conf_sorted[1:] != conf_sorted[:-1]
-    group = torch.cat([torch.zeros(1, dtype=torch.long), group_end[:-1].long().cumsum(0)])
-    risk_at_end = (errors / accepted)[group_end]
-    return float(risk_at_end[group].mean())
+    errors = _ordered_cumsum(confidence, ~correct, descending=True, ties=ties)[1:]
+    accepted = torch.arange(1, len(correct) + 1, dtype=torch.double)
+    return float((errors / accepted).mean())
 
 
 def confidence_ece(confidence: Tensor, correct: Tensor, num_bins: int = 15) -> float:
     """Expected calibration error (L1, ``num_bins`` equal-width bins; torchmetrics) of the
-    confidence read as the probability of a correct query. NaN unless it lies in [0, 1]."""
+    confidence read as the probability of a correct query. NaN unless it lies in [0, 1].
+
+    Only meaningful for a confidence that estimates that probability (e.g. the fraction of
+    posterior samples agreeing on the top-1); a cosine or tanh(distance) in [0, 1] is not one,
+    so callers decide (the uCLIP evaluator reports it for ``top1_consistency`` only)."""
     from torchmetrics.functional.classification import binary_calibration_error
 
     confidence, correct = _check(confidence, correct)
