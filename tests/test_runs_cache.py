@@ -32,6 +32,9 @@ def test_run_dir_records_config_overrides_sha_and_metrics(tmp_path):
     assert OmegaConf.load(run.path / "overrides.yaml") == ["seed=1"]
     info = json.loads((run.path / "run.json").read_text())
     assert info["status"] == "running" and "git_sha" in info
+    import xmodal
+
+    assert info["xmodal_version"] == xmodal.__version__ != "0.0.0+unknown"
     assert not run.finished
     run.finish({"test/R@1": 12.5})
     assert is_finished(run.path)

@@ -1,6 +1,11 @@
 """xmodal: uncertainty for cross-modal and composed image retrieval (uCLIP, RUIR, HUG, X-MoRe)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of truth: the installed package's metadata (pyproject.toml)
+    __version__ = version("xmodal")
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0.0.0+unknown"
 
 
 def load_run(run_dir, checkpoint: str = "best"):

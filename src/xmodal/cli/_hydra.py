@@ -117,7 +117,15 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
         _record_outcome(run_dir, "skipped" if after is not None and after == before else "done")
         return None
 
-    return _main
+    def main() -> Any:
+        if "--version" in sys.argv[1:]:
+            from xmodal import __version__
+
+            print(f"xmodal {__version__}")
+            return None
+        return _main()
+
+    return main
 
 
 class SweepSummary(Callback):
