@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Defaults (None) are xmodal.retrieval.tuning's, resolved in _options: the parser imports nothing
+# heavy, so `xmodal-index --help` stays fast. tests/test_index_tuning.py checks the help text.
 def _index_options(parser: argparse.ArgumentParser) -> None:
-    from xmodal.retrieval import tuning
-
     parser.add_argument(
         "--factory",
         default="auto",
@@ -82,29 +82,23 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
         "with the most precise codes (SQfp16, SQ8, PQ<m>) that fit --max-memory",
     )
     parser.add_argument(
-        "--max-memory",
-        default=tuning.DEFAULT_MAX_MEMORY,
-        help=f"memory budget of an auto index, e.g. 4G (default {tuning.DEFAULT_MAX_MEMORY})",
+        "--max-memory", help="memory budget of an auto index, e.g. 4G (default 32G)"
     )
-    parser.add_argument("--train-size", type=int, default=None, help="IVF/PQ training sample")
+    parser.add_argument("--train-size", type=int, help="IVF/PQ training sample")
     _tuning_options(parser)
 
 
 def _tuning_options(parser: argparse.ArgumentParser) -> None:
-    from xmodal.retrieval import tuning
-
     parser.add_argument(
         "--target-recall",
         type=float,
-        default=tuning.DEFAULT_TARGET_RECALL,
-        help="tune for recall@k >= this against exact search (default %(default)s)",
+        help="tune for recall@k >= this against exact search (default 0.95)",
     )
-    parser.add_argument("--tune-k", type=int, default=tuning.DEFAULT_TUNE_K, help="the k")
+    parser.add_argument("--tune-k", type=int, help="the k of the recall (default 128)")
     parser.add_argument(
         "--tune-queries",
         type=int,
-        default=tuning.DEFAULT_TUNE_QUERIES,
-        help="held-out queries the recall is measured on (default %(default)s)",
+        help="held-out queries the recall is measured on (default 1000)",
     )
 
 
@@ -112,14 +106,15 @@ def _options(args: argparse.Namespace):
     from xmodal.retrieval.clip_index import IndexOptions
     from xmodal.retrieval.tuning import parse_size
 
-    options = IndexOptions(
-        factory=getattr(args, "factory", "auto"),
-        max_memory=getattr(args, "max_memory", IndexOptions.max_memory),
-        train_size=getattr(args, "train_size", None),
-        target_recall=args.target_recall,
-        tune_k=args.tune_k,
-        tune_queries=args.tune_queries,
-    )
+    given = {
+        "factory": getattr(args, "factory", None),
+        "max_memory": getattr(args, "max_memory", None),
+        "train_size": getattr(args, "train_size", None),
+        "target_recall": args.target_recall,
+        "tune_k": args.tune_k,
+        "tune_queries": args.tune_queries,
+    }
+    options = IndexOptions(**{key: value for key, value in given.items() if value is not None})
     parse_size(options.max_memory)  # a bad size fails before any work
     return options
 

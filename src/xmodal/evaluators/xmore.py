@@ -67,6 +67,7 @@ from xmodal.evaluators.zeroshot import (
     image_logits,
 )
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
+from xmodal.retrieval import tuning
 from xmodal.retrieval.cache import digest
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,8 @@ class IndexConfig:
     collection: str | None = None  # build the index from this collection when missing/stale
     backbone: str | None = None  # conf/backbone name of the index encoder; null: the run's
     factory: str = "auto"  # faiss factory when building: auto | Flat | IVF4096,PQ64 | ...
-    max_memory: str = "32G"  # memory budget of an auto factory when building
-    target_recall: float = 0.95  # building tunes nprobe for recall@coarse_k >= this vs exact
+    max_memory: str = tuning.DEFAULT_MAX_MEMORY  # memory budget of an auto factory (building)
+    target_recall: float = tuning.DEFAULT_TARGET_RECALL  # building tunes nprobe for recall@K
     nprobe: int | None = None  # IVF cells visited per query (null: the tuned value)
     mmap: bool = False  # memory-map image.index (LAION-size indexes)
     partition_size: int = 1_000_000  # items per img_emb/metadata partition when building
@@ -440,8 +441,12 @@ class XMoReEvaluator:
                 "%s was tuned for recall@%d, but X-MoRe retrieves K=%d: samples may get fewer "
                 "than K results (counted in test/short_results); re-tune it with `xmodal-index "
                 "tune %s --tune-k %d`",
-                self.index.folder, tuned_k, self.coarse_k, self.index.folder, self.coarse_k,
-            )  # fmt: skip
+                self.index.folder,
+                tuned_k,
+                self.coarse_k,
+                self.index.folder,
+                self.coarse_k,
+            )
         _, ids = index.search(queries, self.coarse_k, self.index.search_batch_size)
         results = (ids >= 0).sum(dim=1).tolist()
         captions: list[list[str] | None] = []
@@ -565,10 +570,14 @@ class XMoReEvaluator:
                 "than K=%d results from %s (search %s), %d only null captions. They are left out "
                 "of test/acc/{xmore,image,text,...} and counted by their image-only prediction "
                 "in test/acc/xmore_all.",
-                int(short.sum() + no_captions.sum()), int(valid.sum()), int(short.sum()),
-                self.coarse_k, self.index.folder, retrieved.get("search") or "exhaustive",
+                int(short.sum() + no_captions.sum()),
+                int(valid.sum()),
+                int(short.sum()),
+                self.coarse_k,
+                self.index.folder,
+                retrieved.get("search") or "exhaustive",
                 int(no_captions.sum()),
-            )  # fmt: skip
+            )
         p_image_all = torch.softmax(logits, dim=-1)
         p_image, p_text, labels = p_image_all[idx], p_text_all[idx], labels_all[idx]
         pred_image, pred_text = p_image.argmax(dim=1), p_text.argmax(dim=1)

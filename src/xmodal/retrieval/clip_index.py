@@ -513,9 +513,14 @@ def index_embeddings(
     _readable(folder / index_name)
     log.info(
         "%s: %s index of %d x %d written; search %s: recall@%d %.4f against exact search",
-        folder / index_name, factory, n, dim, search["params"] or "exhaustive", search["k"],
+        folder / index_name,
+        factory,
+        n,
+        dim,
+        search["params"] or "exhaustive",
+        search["k"],
         search["recall"],
-    )  # fmt: skip
+    )
     return {
         f"{kind}_index": factory,
         f"{kind}_index_bytes": (folder / index_name).stat().st_size,
@@ -532,10 +537,13 @@ def _embedding_arrays(source: Path, sub: str) -> list[np.ndarray]:
         try:
             arrays.append(np.load(path, mmap_mode="r"))
         except (OSError, ValueError) as err:
+            record = read_info(source) or {}
+            fix = "re-create the embedding dump (clip-retrieval inference, or download it again)."
+            if record.get("collection"):
+                fix = f"delete it and re-encode it with `{rebuild_command(source, record)}` "
+                fix += "(the other partitions are reused)."
             raise index_error(
-                source,
-                f"{path} could not be read ({err}): it is truncated or corrupt",
-                f"rebuild the embeddings: {_rebuild_fix(source, read_info(source))}",
+                source, f"{path} could not be read ({err}): it is truncated or corrupt", fix
             ) from None
     return arrays
 
@@ -555,6 +563,7 @@ def _tune_on(
         return {
             "params": "",
             "recall": 1.0,
+            "recall_se": 0.0,
             "missing": 0,
             "k": 0,
             "queries": 0,

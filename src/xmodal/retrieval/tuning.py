@@ -11,7 +11,8 @@ dependency of xmodal; this module does the same with faiss itself:
 - :func:`tune` picks the search parameter that trades speed for recall (``nprobe`` for IVF, with
   the quantizer's ``efSearch`` for an HNSW coarse quantizer; ``efSearch`` for HNSW): the smallest
   value whose recall@k against exact search, on a sample of held-out queries, reaches the target
-  with no missing (-1) results. The search is monotone (doubling, then bisection): visiting more
+  (with a margin of two standard errors, so that unseen queries reach it too) with no missing
+  (-1) results. The search is monotone (doubling, then bisection): visiting more
   cells never loses a neighbour that exact distances found (IVF-Flat/SQfp16), and very nearly so
   with quantised distances. When a factory's codes cap the recall below the target (PQ), the
   search stops where recall stops improving, and the shortfall is recorded and logged.
@@ -141,13 +142,16 @@ def drop_own(ids: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:
     return np.take_along_axis(ids, order, axis=1)[:, :k]
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over queries of ``|found_q ∩ exact_q| / k``: the fraction of the exact top-k that
-    the approximate top-k returns (missing ids, -1, count as misses)."""
+def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """``|found_q ∩ exact_q| / k`` of each query: the fraction of its exact top-k that the
+    approximate top-k returns (missing ids, -1, count as misses)."""
     k = exact.shape[1]
-    return float(
-        np.mean([len(set(f.tolist()) & set(e.tolist())) / k for f, e in zip(found, exact)])
-    )
+    return np.array([len(set(f.tolist()) & set(e.tolist())) / k for f, e in zip(found, exact)])
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Recall@k: :func:`recall_per_query` averaged over the queries."""
+    return float(recall_per_query(found, exact).mean())
 
 
 # ------------------------------------------------------------------------------------------
@@ -260,36 +264,45 @@ def tune(
     """Tune ``index``'s search parameter for recall@k ``>= target`` against ``exact`` (the exact
     top-k ids ``[Q, k]`` of ``queries``) and leave ``index`` set to the chosen value.
 
+    A value reaches the target when the recall's lower confidence bound, its mean over the
+    queries minus two standard errors, is at least ``target`` and no query misses results:
+    so that queries the tuning never saw reach it too, not only half of the time.
     ``own``: each query's id in the collection (leave-one-out queries; the id is dropped from
-    both sides). Returns ``{"params", "recall", "missing", "k", "queries", "target", "reached",
-    "trials"}``: the chosen faiss parameter string, the recall and the count of missing (-1) ids
-    it gives on these queries, whether the target was reached, and every ``[params, recall,
-    missing]`` measured. An exact (``Flat``) index is not measured: its recall is 1.
+    both sides). Returns ``{"params", "recall", "recall_se", "missing", "k", "queries",
+    "target", "reached", "exact", "trials"}``: the chosen faiss parameter string, the mean
+    recall, its standard error and the missing (-1) ids it gives on these queries, whether the
+    target was reached, and every ``[params, recall, recall_se, missing]`` measured. An exact
+    (``Flat``) index is not measured: its recall is 1.
     """
     k = exact.shape[1]
     queries = np.ascontiguousarray(queries, np.float32)
-    trials: dict[int, tuple[float, int]] = {}
+    trials: dict[int, tuple[float, float, int]] = {}
 
-    def measure(params: str) -> tuple[float, int]:
+    def measure(params: str) -> tuple[float, float, int]:
         apply_params(index, params)
         _, ids = index.search(queries, k + (own is not None))
         found = drop_own(ids, own, k)
-        return recall_at_k(found, exact), int((found < 0).sum())
+        recall = recall_per_query(found, exact)
+        se = float(recall.std(ddof=1) / np.sqrt(len(recall))) if len(recall) > 1 else 0.0
+        return float(recall.mean()), se, int((found < 0).sum())
+
+    def good(recall: float, se: float, missing: int) -> bool:
+        return recall - 2 * se >= target and missing == 0
 
     out = {"k": int(k), "queries": len(queries), "target": float(target)}
     knob = _knob(index, k)
     if is_exact(index) or knob is None:
         exact_index = is_exact(index)
         params = current_params(index, k)
-        recall, missing = (1.0, 0) if exact_index else measure(params)
-        reached = recall >= target and missing == 0
+        recall, se, missing = (1.0, 0.0, 0) if exact_index else measure(params)
         return {
             **out,
             "params": params,
             "recall": recall,
+            "recall_se": se,
             "missing": missing,
             "exact": exact_index,
-            "reached": reached,
+            "reached": good(recall, se, missing),
             "trials": [],
         }
     name, lo, hi = knob
@@ -297,13 +310,14 @@ def tune(
     def ok(value: int) -> bool:
         if value not in trials:
             trials[value] = measure(params_string(index, name, value))
-            log.info("tuning %s=%d: recall@%d %.4f, %d missing", name, value, k, *trials[value])
-        recall, missing = trials[value]
-        return recall >= target and missing == 0
+            log.info(
+                "tuning %s=%d: recall@%d %.4f +- %.4f, %d missing", name, value, k, *trials[value]
+            )
+        return good(*trials[value])
 
     below, value = lo - 1, lo  # ok(below) is False (or below is out of range)
     while not ok(value) and value < hi:
-        recall, missing = trials[value]
+        recall, _, missing = trials[value]
         if below >= lo and missing == 0 and recall - trials[below][0] < PLATEAU:
             break  # doubling no longer helps: the codes cap the recall
         below, value = value, min(2 * value, hi)
@@ -313,18 +327,19 @@ def tune(
             mid = (below + value) // 2
             below, value = (below, mid) if ok(mid) else (mid, value)
     else:
-        value = max(trials, key=lambda v: (trials[v][1] == 0, trials[v][0], -v))
+        value = max(trials, key=lambda v: (trials[v][2] == 0, trials[v][0], -v))
     params = params_string(index, name, value)
     apply_params(index, params)
-    recall, missing = trials[value]
+    recall, se, missing = trials[value]
     if not reached:
         log.warning(
-            "the index cannot reach recall@%d >= %.2f against exact search (best: %.4f at %s, "
-            "%d missing ids): its codes cap the recall; give it more memory (--max-memory) or "
-            "more precise codes (a factory with SQfp16 or SQ8 in place of PQ)",
+            "the index cannot reach recall@%d >= %.2f against exact search (best: %.4f +- %.4f "
+            "at %s, %d missing ids): its codes cap the recall; give it more memory "
+            "(--max-memory) or more precise codes (a factory with SQfp16 or SQ8 in place of PQ)",
             k,
             target,
             recall,
+            se,
             params,
             missing,
         )
@@ -332,6 +347,7 @@ def tune(
         **out,
         "params": params,
         "recall": recall,
+        "recall_se": se,
         "missing": missing,
         "exact": False,
         "reached": reached,
