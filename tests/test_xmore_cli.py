@@ -118,6 +118,23 @@ def test_skipped_samples_are_counted_and_left_out(xmore_run, tmp_path):
     assert m["test/acc/xmore_all"] == pytest.approx(expected)
 
 
+def test_an_ivf_index_is_searched_with_its_tuned_nprobe_by_default(xmore_run, tmp_path):
+    overrides = [
+        *EXPERIMENT,
+        f"evaluator.index.folder={tmp_path}/ivf",
+        "evaluator.index.factory='IVF4,Flat'",  # evaluator.index.nprobe: null
+        "evaluator.coarse_k=40",
+        "evaluator.k=4",
+    ]
+    m = evaluate(compose("eval", overrides), overrides)
+    info = json.loads((tmp_path / "ivf" / "xmodal_index.json").read_text())
+    search = info["image_search"]
+    assert info["tune_k"] == search["k"] == 40 and search["reached"]  # tuned for X-MoRe's K
+    assert m["test/index/nprobe"] == int(search["params"].removeprefix("nprobe=")) > 1
+    assert m["test/index/tuned_recall"] == search["recall"] and m["test/index/tuned_k"] == 40
+    assert m["test/num_skipped"] == m["test/short_results"] + m["test/no_captions"]
+
+
 def test_a_foreign_clip_retrieval_index_is_tuned_once_and_a_wrong_encoder_is_refused(
     xmore_run, tmp_path
 ):
