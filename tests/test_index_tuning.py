@@ -145,6 +145,11 @@ def test_tune_other_factories(factory, knob, caplog):
     if "PQ" in factory:  # 4-byte codes cap the recall: recorded and said, not hidden
         assert not out["reached"] and out["recall"] < 0.95
         assert "cannot reach recall@32 >= 0.95" in caplog.text
+        # kept: the smallest nprobe within the plateau tolerance of the best complete recall
+        trials = {int(p.split("=")[1]): (r, m) for p, r, _, m in out["trials"]}
+        best = max(r for r, m in trials.values() if m == 0)
+        plateau = [v for v, (r, m) in trials.items() if m == 0 and r >= best - tuning.PLATEAU]
+        assert out["params"] == f"nprobe={min(plateau)}" and out["missing"] == 0
     else:
         assert out["reached"] and out["recall"] >= 0.95 and out["missing"] == 0
 

@@ -15,7 +15,8 @@ dependency of xmodal; this module does the same with faiss itself:
   (-1) results. The search is monotone (doubling, then bisection): visiting more
   cells never loses a neighbour that exact distances found (IVF-Flat/SQfp16), and very nearly so
   with quantised distances. When a factory's codes cap the recall below the target (PQ), the
-  search stops where recall stops improving, and the shortfall is recorded and logged.
+  search stops where doubling gains less than ``PLATEAU`` recall, keeps the smallest value
+  within ``PLATEAU`` of the best, and records and logs the shortfall.
 - :func:`exact_knn` is the exact reference, read block by block from memory-mapped embeddings.
 
 The chosen parameters are written into the faiss file (faiss stores ``nprobe`` and ``efSearch``)
@@ -326,8 +327,10 @@ def tune(
         while value - below > 1:
             mid = (below + value) // 2
             below, value = (below, mid) if ok(mid) else (mid, value)
-    else:
-        value = max(trials, key=lambda v: (trials[v][2] == 0, trials[v][0], -v))
+    else:  # the smallest value within PLATEAU of the best recall (no missing ids if possible)
+        complete = [v for v in trials if trials[v][2] == 0] or list(trials)
+        best = max(trials[v][0] for v in complete)
+        value = min(v for v in complete if trials[v][0] >= best - PLATEAU)
     params = params_string(index, name, value)
     apply_params(index, params)
     recall, se, missing = trials[value]
