@@ -194,3 +194,113 @@ def test_paper_tables_name_real_experiments_and_columns(name, rows):
     for row in table.rows:
         assert row.experiment in experiments, row.label
         assert set(row.paper) <= columns and all(0 < v < 100 for v in row.paper.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Retrieval results: null captions are dropped, short results skip the sample and are counted
+# ------------------------------------------------------------------------------------------
+
+
+def _index_with_null_captions(tmp_path, factory="Flat", n=40):
+    """An index of n items (the test_xmore_index fake encoder) whose odd items' captions are
+    null; returns its folder, the gallery and the captions."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from test_xmore_index import ENCODER, FakeEncoder, gallery_of
+    from xmodal.retrieval import clip_index
+
+    (tmp_path / "c" / "images").mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(tmp_path / "c" / "images" / f"{i}.jpg")
+    captions = [None if i % 2 else f"caption {i}" for i in range(n)]
+    table = pa.table({"image_path": [f"images/{i}.jpg" for i in range(n)], "caption": captions})
+    pq.write_table(table, tmp_path / "c" / "metadata.parquet")
+    collection = clip_index.read_collection(tmp_path / "c" / "metadata.parquet")
+    folder = tmp_path / "index"
+    options = clip_index.IndexOptions(factory=factory, tune_k=8)
+    clip_index.build(folder, collection, FakeEncoder(), ENCODER, options=options)
+    return folder, gallery_of(folder), captions, np
+
+
+@pytest.mark.parametrize(("factory", "nprobe", "K"), [("Flat", None, 3), ("IVF4,Flat", 1, 10)])
+def test_coarse_drops_null_captions_and_flags_short_results(tmp_path, factory, nprobe, K):
+    from types import SimpleNamespace
+
+    from xmodal.retrieval.clip_index import ClipIndex
+    from xmodal.retrieval.search import topk
+
+    folder, gallery, captions, _ = _index_with_null_captions(tmp_path, factory)
+    noise = torch.randn(30, gallery.shape[1], generator=torch.Generator().manual_seed(0))
+    queries = gallery[:30] + 0.3 * noise
+    valid = torch.ones(30, dtype=torch.bool)
+    valid[7] = False  # an undecodable test image
+    encoder = SimpleNamespace(images=lambda ctx, paths: (queries, valid))
+    split = SimpleNamespace(image_paths=[f"q{i}" for i in range(30)])
+    evaluator = XMoReEvaluator(index={"folder": str(folder), "nprobe": nprobe}, coarse_k=K, k=1)
+    out = evaluator.coarse(None, split, encoder)
+
+    if nprobe is None:  # exact: the top-K of every query, nulls dropped in rank order
+        ids = topk(torch.nn.functional.normalize(queries, dim=-1), gallery, K)[1]
+    else:
+        ids = ClipIndex(folder, nprobe=nprobe).search(
+            torch.nn.functional.normalize(queries, dim=-1), K
+        )[1]
+    for i in range(30):
+        row = [captions[j] for j in ids[i].tolist() if j >= 0]
+        kept = [c for c in row if c is not None]
+        short = len(row) < K
+        assert out["short"][i] == (valid[i].item() and short)
+        assert out["nulls"][i] == (len(row) - len(kept) if valid[i] else 0)
+        expected = kept if valid[i] and not short and kept else None
+        assert out["captions"][i] == expected, i
+    kept = [i for i in range(30) if valid[i] and not out["short"][i]]
+    if nprobe is None:  # a null caption never skips a sample, only one with nothing else left
+        assert any(0 < out["nulls"][i] < K for i in kept)
+        assert any(out["captions"][i] is None for i in kept)
+        assert not any(out["short"])
+    else:  # one cell of 4 (10 items on average) often holds fewer than K = 10
+        assert sum(out["short"]) > 0
+
+
+def test_stream_metrics_count_skipped_samples_and_keep_denominators_honest():
+    from types import SimpleNamespace
+
+    from xmodal.data.base import ClassificationSplit
+
+    # 8 samples, 3 classes: 0-3 evaluated, 4 short results, 5 only null captions, 6 corrupt,
+    # 7 evaluated with 2 null captions dropped
+    labels = [0, 1, 2, 0, 1, 2, 0, 1]
+    logits = torch.full((8, 3), 0.0)
+    image_pred = [0, 1, 0, 1, 1, 0, 0, 1]  # image-only: right on 0, 1, 4, 6, 7
+    logits[torch.arange(8), torch.tensor(image_pred)] = 5.0
+    valid = torch.tensor([True] * 6 + [False, True])
+    captions = [["a"], ["b"], ["c"], ["d"], None, None, None, ["e"]]
+    p_text = torch.full((8, 3), float("nan"))
+    text_pred = {0: 0, 1: 2, 2: 2, 3: 0, 7: 1}  # text-only: right on 0, 2, 3, 7
+    for i, c in text_pred.items():
+        p_text[i] = torch.tensor([0.1, 0.1, 0.1])
+        p_text[i, c] = 0.8
+    retrieved = {
+        "captions": captions,
+        "short": [False, False, False, False, True, False, False, False],
+        "nulls": [0, 0, 0, 1, 0, 3, 0, 2],  # 5: K=3 results, all null
+    }
+    split = ClassificationSplit("t", [f"{i}.jpg" for i in range(8)], labels, ["x", "y", "z"])
+    ctx = SimpleNamespace(cfg=SimpleNamespace(seed=0), is_rank_zero=False)
+    evaluator = XMoReEvaluator(index={"folder": "x"}, coarse_k=3, k=1, save_stream=False)
+    m = evaluator.stream_metrics(ctx, split, logits, valid, retrieved, p_text)
+    assert m["test/num_samples"] == 7 and m["test/num_corrupt"] == 1
+    assert m["test/num_evaluated"] == 5 and m["test/num_skipped"] == 2
+    assert m["test/short_results"] == 1 and m["test/no_captions"] == 1
+    assert m["test/null_captions"] == 1 + 3 + 2  # over the valid samples
+    evaluated = [0, 1, 2, 3, 7]
+    assert m["test/acc/image"] == pytest.approx(100 * 3 / 5)  # 0, 1, 7 of the evaluated
+    assert m["test/acc/text"] == pytest.approx(100 * 4 / 5)  # 0, 2, 3, 7
+    assert m["test/acc/image_all"] == pytest.approx(100 * 4 / 7)  # 0, 1, 4, 7 of the valid
+    # xmore_all: the evaluated samples' X-MoRe predictions + the skipped ones' image-only
+    xmore_hits = m["test/acc/xmore"] * len(evaluated) / 100
+    skipped_image_hits = 1  # sample 4 right, 5 wrong
+    assert m["test/acc/xmore_all"] == pytest.approx(100 * (xmore_hits + skipped_image_hits) / 7)

@@ -48,6 +48,8 @@ def test_metrics_json_has_every_accuracy(xmore_run):
     # 8 classes x 3 test images, the pool (150) holds more than K = 128 images: nothing skipped
     assert m["test/num_samples"] == m["test/num_evaluated"] == 24
     assert m["test/num_skipped"] == m["test/num_corrupt"] == 0
+    assert m["test/short_results"] == m["test/no_captions"] == m["test/null_captions"] == 0
+    assert m["test/index/tuned_recall"] == 1.0 and "test/index/nprobe" not in m  # exact Flat
     assert m["test/acc/image"] == m["test/acc/image_all"]
     assert m["test/acc/xmore_all"] == m["test/acc/xmore"]
     assert 0 < m["test/unique_captions"] <= 128 and m["test/num_short"] == 0
@@ -106,7 +108,8 @@ def test_skipped_samples_are_counted_and_left_out(xmore_run, tmp_path):
     ]
     m = evaluate(compose("eval", overrides), overrides)
     n, kept = m["test/num_samples"], m["test/num_evaluated"]
-    assert 0 < kept < n == 24 and m["test/num_skipped"] == n - kept
+    assert 0 < kept < n == 24 and m["test/num_skipped"] == m["test/short_results"] == n - kept
+    assert m["test/index/nprobe"] == 1 and "test/index/tuned_recall" not in m  # overridden
     assert m["test/acc/xmore"] == m["test/acc/normalizer/l1"]
     # xmore_all counts skipped samples by their image-only prediction, over all n samples
     image_hits_skipped = (m["test/acc/image_all"] * n - m["test/acc/image"] * kept) / 100
@@ -115,8 +118,29 @@ def test_skipped_samples_are_counted_and_left_out(xmore_run, tmp_path):
     assert m["test/acc/xmore_all"] == pytest.approx(expected)
 
 
-def test_a_foreign_clip_retrieval_index_opens_and_a_wrong_encoder_is_refused(xmore_run, tmp_path):
+def test_an_ivf_index_is_searched_with_its_tuned_nprobe_by_default(xmore_run, tmp_path):
+    overrides = [
+        *EXPERIMENT,
+        f"evaluator.index.folder={tmp_path}/ivf",
+        "evaluator.index.factory='IVF4,Flat'",  # evaluator.index.nprobe: null
+        "evaluator.coarse_k=40",
+        "evaluator.k=4",
+    ]
+    m = evaluate(compose("eval", overrides), overrides)
+    info = json.loads((tmp_path / "ivf" / "xmodal_index.json").read_text())
+    search = info["image_search"]
+    assert info["tune_k"] == search["k"] == 40 and search["reached"]  # tuned for X-MoRe's K
+    assert m["test/index/nprobe"] == int(search["params"].removeprefix("nprobe=")) > 1
+    assert m["test/index/tuned_recall"] == search["recall"] and m["test/index/tuned_k"] == 40
+    assert m["test/num_skipped"] == m["test/short_results"] + m["test/no_captions"]
+
+
+def test_a_foreign_clip_retrieval_index_is_tuned_once_and_a_wrong_encoder_is_refused(
+    xmore_run, tmp_path
+):
     import shutil
+
+    from xmodal.cli.index import main
 
     built = Path(xmore_run.evaluator.index.folder)
     foreign = tmp_path / "foreign"  # what clip-retrieval leaves: no xmodal_index.json
@@ -126,6 +150,10 @@ def test_a_foreign_clip_retrieval_index_opens_and_a_wrong_encoder_is_refused(xmo
         "evaluator.index.collection=null",
         f"evaluator.index.folder={foreign}",
     ]
+    with pytest.raises(DatasetLayoutError, match="never tuned") as err:  # before any encoding
+        evaluate(compose("eval", overrides), overrides)
+    assert f"xmodal-index tune {foreign} --embeddings" in str(err.value)
+    main(["tune", str(foreign), "--embeddings", str(built)])
     m = evaluate(compose("eval", overrides), overrides)
     main = read_metrics(xmore_run.run_dir)
     for key in ("image", "text", "equal", "xmore"):

@@ -17,7 +17,13 @@ from PIL import Image
 
 from xmodal.data.base import DatasetLayoutError
 from xmodal.retrieval import clip_index
-from xmodal.retrieval.clip_index import ClipIndex, auto_factory, expand_braces, read_collection
+from xmodal.retrieval.clip_index import (
+    ClipIndex,
+    IndexOptions,
+    auto_factory,
+    expand_braces,
+    read_collection,
+)
 from xmodal.retrieval.search import topk
 
 DIM = 16
@@ -88,6 +94,9 @@ def test_build_writes_clip_retrieval_layout_and_search_is_exact(tmp_path):
     assert emb.dtype == np.float16 and emb.shape == (10, DIM)
     assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=1e-3)
     assert info["items"] == 23 and info["image_index"] == "Flat" and info["encoder"] == ENCODER
+    search = info["image_search"]  # exact: nothing to tune, recall 1 by construction
+    assert search["exact"] and search["params"] == "" and search["recall"] == 1.0
+    assert info["image_index_bytes"] == (folder / "image.index").stat().st_size
     assert json.loads((folder / "xmodal_index.json").read_text()) == info
     assert not (folder / clip_index.PLAN_FILE).exists()
 
@@ -141,21 +150,26 @@ def test_interrupted_build_resumes_and_a_changed_collection_rebuilds(tmp_path):
 def test_approximate_factories_open_and_search(tmp_path, factory):
     collection = read_collection(write_table_collection(tmp_path / "c", 200))
     folder = tmp_path / "index"
-    info = clip_index.build(folder, collection, FakeEncoder(), ENCODER, factory=factory)
+    options = IndexOptions(factory=factory, tune_k=8)
+    info = clip_index.build(folder, collection, FakeEncoder(), ENCODER, options=options)
     assert info["image_index"] == factory
+    search = info["image_search"]
+    assert search["reached"] and search["recall"] >= 0.95 and search["missing"] == 0
+    assert search["params"].startswith("nprobe=" if factory.startswith("IVF") else "efSearch=")
     queries = gallery_of(folder)[:20]
     if factory.startswith("IVF"):  # visiting every cell is exact
         ids = ClipIndex(folder, nprobe=4).search(queries, 8)[1]
         assert ids.tolist() == topk(queries, gallery_of(folder), 8)[1].tolist()
-    else:
-        ids = ClipIndex(folder).search(queries, 8)[1]
-        assert (ids[:, 0] == torch.arange(20)).float().mean() > 0.9  # finds itself
+    index = ClipIndex(folder)  # the tuned parameters are applied
+    assert index.params == search["params"]
+    assert (index.search(queries, 8)[1][:, 0] == torch.arange(20)).float().mean() > 0.9
 
 
 def test_ivf_pq_index_and_missing_results(tmp_path):
     collection = read_collection(write_table_collection(tmp_path / "c", 300))
     folder = tmp_path / "index"
-    clip_index.build(folder, collection, FakeEncoder(), ENCODER, factory="IVF8,PQ4x4")
+    options = IndexOptions(factory="IVF8,PQ4x4", tune_k=64)
+    clip_index.build(folder, collection, FakeEncoder(), ENCODER, options=options)
     index = ClipIndex(folder, nprobe=1)  # one cell of ~37 items: fewer than k results
     scores, ids = index.search(gallery_of(folder)[:5], 64)
     assert ((ids >= -1) & (ids < 300)).all() and (ids == -1).any()
@@ -171,7 +185,11 @@ def test_index_an_existing_embedding_dump_and_on_disk_index(tmp_path):
     dump = tmp_path / "dump"  # what `clip-retrieval inference` leaves: img_emb/ + metadata/
     clip_index.build(dump, collection, FakeEncoder(), ENCODER, partition_size=16)
     out = tmp_path / "reindexed"
-    assert clip_index.index_embeddings(out, embeddings=dump, factory="IVF2,Flat") == "IVF2,Flat"
+    options = IndexOptions(factory="IVF2,Flat", tune_k=4)
+    info = clip_index.index_folder(out, embeddings=dump, options=options)
+    assert info["image_index"] == "IVF2,Flat" and info["encoder"] == ENCODER  # the dump's
+    assert info["items"] == 40 and info["image_search"]["recall"] >= 0.95
+    assert not (out / clip_index.PLAN_FILE).exists()
     queries = gallery_of(dump)[:6]
     exact = topk(queries, gallery_of(dump), 4)[1].tolist()
     assert ClipIndex(out, nprobe=2).search(queries, 4)[1].tolist() == exact
@@ -190,7 +208,13 @@ def test_index_an_existing_embedding_dump_and_on_disk_index(tmp_path):
         faiss.write_index(block, blocks[-1])
     merge_ondisk(trained, blocks, str(merged / "image.index" / "merged_index.ivfdata"))
     faiss.write_index(trained, str(merged / "image.index" / "populated.index"))
+    with pytest.raises(DatasetLayoutError, match="never tuned") as err:  # made elsewhere
+        ClipIndex(merged)
+    assert f"xmodal-index tune {merged} --embeddings" in str(err.value)
+    tuned = clip_index.tune_folder(merged, embeddings=dump, options=IndexOptions(tune_k=4))
+    assert tuned["image_search"]["recall"] >= 0.95 and tuned["image_index_bytes"] is None
     assert ClipIndex(merged, nprobe=2).search(queries, 4)[1].tolist() == exact
+    assert ClipIndex(merged).params == tuned["image_search"]["params"]
 
 
 def test_missing_or_misaligned_index_fails_with_a_clear_message(tmp_path):
@@ -255,8 +279,17 @@ def test_bad_collections_name_the_problem(tmp_path):
 
 def test_auto_factory():
     assert auto_factory(1000, 512) == "Flat"
-    assert auto_factory(400_000_000, 512) == "IVF65536,PQ64"  # LAION-400M scale
-    assert auto_factory(4_000_000, 768) == "IVF8192,PQ96"  # 4 sqrt(n) = 8000 -> 2^13
+    # LAION-400M scale in the default 32G: 64-byte PQ codes + 8-byte ids = 28.8 GB
+    assert auto_factory(400_000_000, 512) == "IVF65536,PQ64np"
+    # 4 sqrt(n) = 8000 -> 2^13 lists; float16 codes fit 32G (6.2 GB), SQ8 3.1 GB, else PQ
+    assert auto_factory(4_000_000, 768) == "IVF8192,SQfp16"
+    assert auto_factory(4_000_000, 768, "4G") == "IVF8192,SQ8"
+    assert auto_factory(4_000_000, 768, "1G") == "IVF8192,PQ192np"  # 4M x 200 B = 0.75 GiB
+    # small collections stay exact when they fit, and go IVF when they do not
+    assert auto_factory(60_000, 64, "16M") == "Flat"  # 15.4 MB
+    assert auto_factory(60_000, 64, "12M") == "IVF1024,SQfp16"
+    with pytest.raises(ValueError, match="raise the memory budget"):
+        auto_factory(400_000_000, 512, "1G")
 
 
 def test_cli_build_info_and_search(shapes_world, tmp_path, capsys):
@@ -291,7 +324,9 @@ def test_cli_index_an_embedding_dump(tmp_path, capsys):
     main(
         ["index", "--embeddings", str(tmp_path / "dump"), "--folder", str(out), "--factory", "Flat"]
     )
-    assert capsys.readouterr().out.strip() == f"{out}/image.index: Flat"
+    assert capsys.readouterr().out.strip() == (
+        f"{out}/image.index: Flat, search exact, recall@29 1.0000 against exact search"
+    )
     queries = gallery_of(tmp_path / "dump")[:3]
     assert ClipIndex(out).search(queries, 2)[1][:, 0].tolist() == [0, 1, 2]
     assert ClipIndex(out).column(torch.tensor([[5]])) == [[collection.captions[5]]]

@@ -5,8 +5,12 @@ For a query image x and classes c with prompts t_c = "a photo of a {c}.":
 
 1. Coarse retrieval (§3.2, step 1): the K = 128 nearest images of x in an external image-text
    index (clip-retrieval layout, ``xmodal.retrieval.clip_index``; LAION-400M with ViT-B/32 in the
-   paper), searched with the index's own encoder, and their captions. A sample with fewer than K
-   results is *skipped*: counted, and left out of every accuracy's denominator (released code).
+   paper), searched with the index's own encoder and its tuned search parameters (nprobe), and
+   their captions. A result whose caption is null is dropped (the sample keeps its other
+   captions); a sample with fewer than K *results* is skipped, as in the released code (which
+   counts results, not null captions): left out of the stream and of the accuracies over the
+   evaluated samples, counted in ``test/short_results``, and counted by its image-only
+   prediction in ``test/acc/xmore_all``.
 2. Fine retrieval (step 2): captions de-duplicated by exact string, re-ranked by a (larger)
    CLIP's image->caption similarity (ViT-L/14 in the paper): ``rerank=cosine`` (default),
    ``dot`` (the released code's unnormalised features) or ``none`` (coarse order: the paper's
@@ -31,7 +35,9 @@ coarse captions, re-ranked captions and p_txt, each keyed by everything that dec
 Metrics (percent): ``test/acc/{image,text,equal,xmore}`` over the evaluated (non-skipped)
 samples, ``test/acc/normalizer/<name>`` for all four normalisers, ``test/acc/xmore_all`` with
 skipped samples counted by their image-only prediction, ``test/acc/image_all`` (plain CLIP over
-every sample), sample counts, mean entropies / confidences / weights. Each seed's stream goes to
+every sample), sample counts (``num_samples = num_evaluated + num_skipped``, ``num_skipped =
+short_results + no_captions``), null captions dropped, the index's search parameters and tuned
+recall, mean entropies / confidences / weights. Each seed's stream goes to
 ``xmore_stream_seed<s>.csv`` in the run directory.
 """
 
@@ -61,6 +67,7 @@ from xmodal.evaluators.zeroshot import (
     image_logits,
 )
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
+from xmodal.retrieval import tuning
 from xmodal.retrieval.cache import digest
 
 log = logging.getLogger(__name__)
@@ -84,7 +91,9 @@ class IndexConfig:
     collection: str | None = None  # build the index from this collection when missing/stale
     backbone: str | None = None  # conf/backbone name of the index encoder; null: the run's
     factory: str = "auto"  # faiss factory when building: auto | Flat | IVF4096,PQ64 | ...
-    nprobe: int | None = None  # IVF cells visited per query (null: the index's own)
+    max_memory: str = tuning.DEFAULT_MAX_MEMORY  # memory budget of an auto factory (building)
+    target_recall: float = tuning.DEFAULT_TARGET_RECALL  # building tunes nprobe for recall@K
+    nprobe: int | None = None  # IVF cells visited per query (null: the tuned value)
     mmap: bool = False  # memory-map image.index (LAION-size indexes)
     partition_size: int = 1_000_000  # items per img_emb/metadata partition when building
     search_batch_size: int = 16384  # queries per faiss search call
@@ -288,19 +297,23 @@ class XMoReEvaluator:
         )
         scale = backbone.logit_scale(self.logit_scale)
         logits, valid = image_logits(ctx, backbone, split, classifier, scale)
-        captions = self.retrieved_captions(ctx, split)
+        retrieved = self.retrieved_captions(ctx, split)
+        captions = retrieved["captions"]
         p_text = self.text_probs(ctx, backbone, split, classifier, scale, captions)
-        return self.stream_metrics(ctx, split, logits, valid, captions, p_text)
+        metrics = self.stream_metrics(ctx, split, logits, valid, retrieved, p_text)
+        return {**metrics, **self._index_metrics(retrieved)}
 
     # -- 1-2: retrieval ----------------------------------------------------------------------
 
     def _check_index_source(self) -> None:
         """Fail before any encoding when there is neither an index nor a collection to build."""
-        from xmodal.retrieval.clip_index import BUILD_FIX, index_error
+        from xmodal.retrieval.clip_index import BUILD_FIX, index_error, open_info
 
         folder = Path(self.index.folder)
         if not self.index.collection and not (folder / "image.index").exists():
             raise index_error(folder, "missing image.index", BUILD_FIX)
+        if not self.index.collection:  # unfinished, untuned or changed: say so before encoding
+            open_info(folder)
 
     def _dataset_key(self, ctx: EvalContext, split: ClassificationSplit) -> dict[str, Any]:
         return {
@@ -310,15 +323,16 @@ class XMoReEvaluator:
             "count": len(split.image_paths),
         }
 
-    def retrieved_captions(
-        self, ctx: EvalContext, split: ClassificationSplit
-    ) -> list[list[str] | None]:
-        """Per sample, its unique retrieved captions best first (None: skipped), cached."""
+    def retrieved_captions(self, ctx: EvalContext, split: ClassificationSplit) -> dict[str, Any]:
+        """Per sample, its unique retrieved captions best first (``captions``; None: skipped),
+        whether the index returned fewer than K results (``short``), how many of its results
+        had a null caption (``nulls``), and the search parameters used (``search``); cached."""
         index_encoder = Encoder.named(ctx, self.index.backbone)
         index_id = self.prepare_index(ctx, index_encoder)
         aesthetic = self.index.aesthetic_embedding
         coarse_key = {
             "kind": "xmore/coarse",
+            "format": 2,  # short results and null captions told apart
             **self._dataset_key(ctx, split),
             "index": index_id,
             "query_encoder": index_encoder.identity(),
@@ -336,16 +350,14 @@ class XMoReEvaluator:
 
         def compute_fine() -> dict[str, Any]:
             coarse = ctx.cache.get_or_compute(
-                coarse_key,
-                lambda: {"captions": self.coarse(ctx, split, index_encoder)},
-                write=ctx.is_rank_zero,
-            )["captions"]
-            unique = [None if c is None else dedup(c) for c in coarse]
-            if fine is None:
-                return {"captions": unique}
-            return {"captions": self.fine(ctx, split, fine, unique)}
+                coarse_key, lambda: self.coarse(ctx, split, index_encoder), write=ctx.is_rank_zero
+            )
+            unique = [None if c is None else dedup(c) for c in coarse["captions"]]
+            if fine is not None:
+                unique = self.fine(ctx, split, fine, unique)
+            return {**coarse, "captions": unique}
 
-        return ctx.cache.get_or_compute(fine_key, compute_fine, write=ctx.is_rank_zero)["captions"]
+        return ctx.cache.get_or_compute(fine_key, compute_fine, write=ctx.is_rank_zero)
 
     def prepare_index(self, ctx: EvalContext, encoder: Encoder) -> dict[str, Any]:
         """Identity of the index to query; builds it first when ``index.collection`` is set and
@@ -360,7 +372,11 @@ class XMoReEvaluator:
             current = info is not None and (folder / "image.index").exists()
             current = current and info.get("encoder") == encoder_id
             current = current and info.get("collection_digest") == collection.digest()
-            current = current and info.get("factory") == self.index.factory
+            wanted = self._index_options().record()
+            if current and info.get("image_search", {}).get("exact"):
+                wanted.pop("tune_k")  # an exact index is the same whatever K
+            for key, value in wanted.items():
+                current = current and info.get(key) == value
             if not current:
                 log.info("building the X-MoRe index %s from %s", folder, collection.source)
                 encode_fn = clip_index.trainer_encode_fn(
@@ -376,29 +392,41 @@ class XMoReEvaluator:
                     collection,
                     encode_fn,
                     encoder_id,
-                    factory=self.index.factory,
                     partition_size=self.index.partition_size,
+                    options=self._index_options(),
                     is_writer=ctx.is_rank_zero,
                 )
             return _jsonable(info)
-        if info is not None:
-            if info.get("encoder", {}).get("identity") != encoder_id["identity"]:
-                raise clip_index.index_error(
-                    folder,
-                    f"it was built with encoder {info.get('encoder', {}).get('name')}, but "
-                    f"queries would be encoded with {encoder.name}",
-                    "set evaluator.index.backbone to the index's encoder (or rebuild the index "
-                    "with this one).",
-                )
-            return _jsonable(info)
-        stat = (folder / "image.index").stat()
-        return {"folder": str(folder.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        info = clip_index.open_info(folder)  # finished and tuned, or a one-paragraph error
+        recorded = info.get("encoder")  # None: embeddings made elsewhere (dimension checked)
+        if recorded is not None and recorded.get("identity") != encoder_id["identity"]:
+            raise clip_index.index_error(
+                folder,
+                f"it was built with encoder {recorded.get('name')}, but queries would be encoded "
+                f"with {encoder.name}",
+                "set evaluator.index.backbone to the index's encoder (or rebuild the index "
+                "with this one).",
+            )
+        return _jsonable(info)
+
+    def _index_options(self):
+        """How a collection's index is built: tuned for recall@coarse_k (X-MoRe's K)."""
+        from xmodal.retrieval.clip_index import IndexOptions
+
+        return IndexOptions(
+            factory=self.index.factory,
+            max_memory=self.index.max_memory,
+            target_recall=self.index.target_recall,
+            tune_k=self.coarse_k,
+        )
 
     def coarse(
         self, ctx: EvalContext, split: ClassificationSplit, encoder: Encoder
-    ) -> list[list[str] | None]:
+    ) -> dict[str, Any]:
         """Step 1: the captions of the K nearest index images of every test image, in rank
-        order; None when fewer than K came back (or the image could not be decoded)."""
+        order, null captions dropped (``captions``); None when fewer than K results came back
+        (``short``), no caption was left, or the image could not be decoded. ``nulls``: the
+        null captions dropped per sample; ``search``: the faiss parameters searched with."""
         from xmodal.retrieval.clip_index import ClipIndex
 
         emb, valid = encoder.images(ctx, split.image_paths)
@@ -407,12 +435,38 @@ class XMoReEvaluator:
             bias = torch.from_numpy(np.load(self.index.aesthetic_embedding)).float().reshape(-1)
             queries = F.normalize(queries + self.index.aesthetic_weight * bias, dim=-1)
         index = ClipIndex(self.index.folder, nprobe=self.index.nprobe, mmap=self.index.mmap)
+        tuned_k = index.tuned.get("k", 0)
+        if self.index.nprobe is None and not index.tuned.get("exact") and tuned_k < self.coarse_k:
+            log.warning(
+                "%s was tuned for recall@%d, but X-MoRe retrieves K=%d: samples may get fewer "
+                "than K results (counted in test/short_results); re-tune it with `xmodal-index "
+                "tune %s --tune-k %d`",
+                self.index.folder,
+                tuned_k,
+                self.coarse_k,
+                self.index.folder,
+                self.coarse_k,
+            )
         _, ids = index.search(queries, self.coarse_k, self.index.search_batch_size)
-        out: list[list[str] | None] = []
-        for ok, row in zip(valid.tolist(), index.column(ids, "caption")):
-            row = [c for c in row if c is not None]  # missing ids, null captions
-            out.append(row if ok and len(row) >= self.coarse_k else None)
-        return out
+        results = (ids >= 0).sum(dim=1).tolist()
+        captions: list[list[str] | None] = []
+        short, nulls = [], []
+        for ok, found, id_row, row in zip(
+            valid.tolist(), results, ids.tolist(), index.column(ids, "caption")
+        ):
+            kept = [c for i, c in zip(id_row, row) if i >= 0 and c is not None]
+            short.append(ok and found < self.coarse_k)
+            nulls.append(found - len(kept) if ok else 0)
+            captions.append(kept if ok and found >= self.coarse_k and kept else None)
+        tuned = None if self.index.nprobe is not None else index.tuned
+        return {
+            "captions": captions,
+            "short": short,
+            "nulls": nulls,
+            "search": index.params,
+            "tuned_recall": None if tuned is None else tuned.get("recall"),
+            "tuned_k": None if tuned is None else tuned.get("k"),
+        }
 
     def _chunks(self, captions: Sequence[list[str] | None]) -> list[list[int]]:
         kept = [i for i, c in enumerate(captions) if c is not None]
@@ -491,18 +545,38 @@ class XMoReEvaluator:
         split: ClassificationSplit,
         logits: Tensor,
         valid: Tensor,
-        captions: list[list[str] | None],
+        retrieved: Mapping[str, Any],
         p_text_all: Tensor,
     ) -> dict[str, Any]:
-        """Evaluate the stream of non-skipped samples in every seed's order."""
+        """Evaluate the stream of non-skipped samples in every seed's order. ``retrieved``: what
+        :meth:`retrieved_captions` returns (captions, short results, null captions)."""
+        captions = retrieved["captions"]
         labels_all = torch.tensor(split.labels)
         kept = valid & torch.tensor([c is not None for c in captions])
         idx = kept.nonzero().squeeze(1)
+        short = valid & torch.tensor(retrieved["short"], dtype=torch.bool)
+        no_captions = valid & ~kept & ~short
+        nulls = int(torch.tensor(retrieved["nulls"], dtype=torch.long)[valid].sum())
         if len(idx) == 0:
             raise RuntimeError(
-                f"X-MoRe: all {int(valid.sum())} test images were skipped: none got "
-                f"{self.coarse_k} coarse results from {self.index.folder}. Use a larger "
-                "collection, or lower evaluator.coarse_k."
+                f"X-MoRe: all {int(valid.sum())} test images were skipped: {int(short.sum())} "
+                f"got fewer than {self.coarse_k} results from {self.index.folder} and "
+                f"{int(no_captions.sum())} only null captions. Use a larger collection, lower "
+                "evaluator.coarse_k, or raise evaluator.index.nprobe."
+            )
+        if short.any() or no_captions.any():
+            log.warning(
+                "X-MoRe: %d of %d test images skipped (as the released code does): %d got fewer "
+                "than K=%d results from %s (search %s), %d only null captions. They are left out "
+                "of test/acc/{xmore,image,text,...} and counted by their image-only prediction "
+                "in test/acc/xmore_all.",
+                int(short.sum() + no_captions.sum()),
+                int(valid.sum()),
+                int(short.sum()),
+                self.coarse_k,
+                self.index.folder,
+                retrieved.get("search") or "exhaustive",
+                int(no_captions.sum()),
             )
         p_image_all = torch.softmax(logits, dim=-1)
         p_image, p_text, labels = p_image_all[idx], p_text_all[idx], labels_all[idx]
@@ -547,6 +621,9 @@ class XMoReEvaluator:
             "test/num_samples": int(valid.sum()),
             "test/num_evaluated": len(idx),
             "test/num_skipped": int(valid.sum()) - len(idx),
+            "test/short_results": int(short.sum()),
+            "test/no_captions": int(no_captions.sum()),
+            "test/null_captions": nulls,
             "test/num_corrupt": int((~valid).sum()),
             "test/num_short": sum(len(captions[i]) < self.k for i in idx.tolist()),
             "test/unique_captions": float(np.mean([len(captions[i]) for i in idx.tolist()])),
@@ -560,6 +637,20 @@ class XMoReEvaluator:
         metrics.update({f"test/acc/normalizer/{n}": float(np.mean(v)) for n, v in by_norm.items()})
         metrics.update({f"test/acc/xmore_seed{s}": float(a) for s, a in zip(seeds, main)})
         return metrics
+
+    @staticmethod
+    def _index_metrics(retrieved: Mapping[str, Any]) -> dict[str, Any]:
+        """``test/index/nprobe`` searched with (IVF indexes), and the recall@k against exact
+        search that the index's tuned parameters measured at build time (``tuned_recall``,
+        ``tuned_k``; absent under an explicit evaluator.index.nprobe)."""
+        out: dict[str, Any] = {}
+        for param in (retrieved.get("search") or "").split(","):
+            if param.startswith("nprobe="):
+                out["test/index/nprobe"] = int(param.split("=")[1])
+        if retrieved.get("tuned_recall") is not None:
+            out["test/index/tuned_recall"] = float(retrieved["tuned_recall"])
+            out["test/index/tuned_k"] = int(retrieved["tuned_k"])
+        return out
 
     def _write_stream(
         self,

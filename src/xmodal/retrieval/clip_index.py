@@ -7,7 +7,8 @@ The layout is rom1504/clip-retrieval's (``datasets/zeroshot.md`` §5), in one fo
     <folder>/image.index                    faiss index over img_emb (inner product = cosine)
     <folder>/text_emb/text_emb_{p}.npy      optional: the captions' embeddings ...
     <folder>/text.index                     ... and their faiss index
-    <folder>/xmodal_index.json              written last by xmodal: encoder, counts, factory
+    <folder>/xmodal_index.json              written last by xmodal: encoder, counts, factory,
+                                            tuned search parameters and their measured recall
 
 Rows are aligned across the three kinds of file, and an item's id is its row position when the
 partitions are concatenated in sorted file order (what ``clip back`` and autofaiss do). The
@@ -18,8 +19,12 @@ built here can be served by ``clip-retrieval back``, and an index downloaded fro
 Building follows ``clip-retrieval inference`` then ``clip-retrieval index``: :func:`build`
 encodes a collection (a parquet/csv of image paths + captions, webdataset tar shards, or a folder
 holding either, like the shapes world's ``pool/``) partition by partition, then
-:func:`index_embeddings` trains and fills a faiss index: exact ``Flat`` up to
-``FLAT_MAX`` items, else ``IVF<nlist>,PQ<d/8>`` (``factory`` takes any faiss factory string).
+:func:`index_embeddings` trains, fills and tunes a faiss index as autofaiss does
+(``xmodal.retrieval.tuning``): exact ``Flat`` for small collections, else an IVF factory chosen
+for a memory budget, its search parameters tuned for a target recall against exact search and
+stored in ``xmodal_index.json`` (and the faiss file); :class:`ClipIndex` applies them on opening.
+An index folder without its info json is an unfinished build (or an untuned foreign index) and is
+refused with the command that finishes, rebuilds or tunes it; so is an unreadable index file.
 """
 
 from __future__ import annotations
@@ -44,22 +49,24 @@ import torch.nn.functional as F
 
 from xmodal.data.base import DatasetLayoutError
 from xmodal.data.images import IMG_EXTENSIONS, tar_ref, wds_samples
+from xmodal.retrieval import tuning
 from xmodal.retrieval.cache import digest
 from xmodal.retrieval.search import FaissIndex
+from xmodal.retrieval.tuning import FLAT_MAX, auto_factory  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 INFO_FILE = "xmodal_index.json"
 PLAN_FILE = "xmodal_build.json"  # the plan of an unfinished build, so a rerun resumes it
-FORMAT_VERSION = 1
-FLAT_MAX = 1_000_000  # auto factory: exact search up to this many items (2 GB at d=512)
+FORMAT_VERSION = 2  # 2: tuned search parameters in the info json
 MODALITIES = {"image": ("img_emb", "image.index"), "text": ("text_emb", "text.index")}
 
 LAYOUT = """\
     <folder>/image.index                     faiss index over the image embeddings
     <folder>/metadata/metadata_<p>.parquet   a 'caption' column, rows aligned with the index
     <folder>/img_emb/img_emb_<p>.npy         (to build the index) float16 L2-normalised
-    <folder>/xmodal_index.json               (written by xmodal-index: the encoder used)"""
+    <folder>/xmodal_index.json               (written last by xmodal-index: the encoder used,
+                                             the tuned search parameters and their recall)"""
 
 COLLECTION_LAYOUT = """\
     <file>.parquet | <file>.csv              columns image_path (relative to the file) + caption
@@ -83,7 +90,8 @@ BUILD_FIX = (
     "build one with `xmodal-index build --source <collection> --folder <folder> "
     "backbone=<index encoder>` (see docs/xmore.md), set evaluator.index.collection=<collection> "
     "to build it on first use, or point evaluator.index.folder at a clip-retrieval index "
-    "(e.g. LAION-400M's) with evaluator.index.backbone set to the encoder it was built with."
+    "(e.g. LAION-400M's) with evaluator.index.backbone set to the encoder it was built with, "
+    "after tuning it once with `xmodal-index tune <folder> --embeddings <its img_emb/ dump>`."
 )
 
 # ------------------------------------------------------------------------------------------
@@ -321,41 +329,71 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+@dataclass
+class IndexOptions:
+    """How the faiss index over the embeddings is chosen and tuned (``xmodal.retrieval.tuning``):
+    ``factory`` (``auto``: chosen for ``max_memory``; or any faiss factory string), the training
+    sample size (default ``max(100k, 40 nlist)``), and the recall target of the search-parameter
+    tuning: recall@``tune_k`` >= ``target_recall`` against exact search on ``tune_queries``
+    held-out queries."""
+
+    factory: str = "auto"
+    max_memory: str = tuning.DEFAULT_MAX_MEMORY
+    train_size: int | None = None
+    target_recall: float = tuning.DEFAULT_TARGET_RECALL
+    tune_k: int = tuning.DEFAULT_TUNE_K
+    tune_queries: int = tuning.DEFAULT_TUNE_QUERIES
+
+    def record(self) -> dict[str, Any]:
+        """What the info json records of the options (``train_size`` only shapes training)."""
+        return {
+            "factory": self.factory,
+            "max_memory": str(self.max_memory),
+            "target_recall": float(self.target_recall),
+            "tune_k": int(self.tune_k),
+        }
+
+
 def build(
     folder: Path | str,
     collection: Collection,
     encode: EncodeFn,
     encoder: dict[str, Any],
     *,
-    factory: str = "auto",
     partition_size: int = 1_000_000,
     text: bool = False,
-    train_size: int | None = None,
+    options: IndexOptions | None = None,
     is_writer: bool = True,
 ) -> dict[str, Any]:
     """Encode ``collection`` into ``folder`` (clip-retrieval layout) and index it; return the info.
 
     ``encoder`` identifies the embeddings (backbone name + identity) and is recorded in
-    ``xmodal_index.json``, which is written last, so its presence means the index is complete.
-    Partitions of an interrupted build with the same plan are reused. Under DDP every rank calls
-    this (encoding is sharded); only the ``is_writer`` rank writes files.
+    ``xmodal_index.json``, which is written last: its presence (and the absence of the plan file
+    ``xmodal_build.json``) means the index is complete. Partitions of an interrupted build with
+    the same plan are reused, and so are those of a finished build when only the index options
+    changed. Under DDP every rank calls this (encoding is sharded); only the ``is_writer`` rank
+    writes files, builds and tunes the index.
     """
     folder = Path(folder)
+    options = options or IndexOptions()
     n = len(collection)
     count = max(1, math.ceil(n / partition_size))
     plan = {
         "format_version": FORMAT_VERSION,
+        "command": "build",
         "encoder": encoder,
         "collection": collection.source,
         "collection_digest": collection.digest(),
         "count": n,
         "partition_size": partition_size,
         "text": text,
-        "factory": factory,
     }
     plan = json.loads(json.dumps(plan, default=str))  # as it reads back from the plan file
     kinds = ["image", "text"] if text else ["image"]
     old_plan = _read_json(folder / PLAN_FILE)
+    if old_plan is None or old_plan.get("command") != "build":  # reuse a finished build's
+        old_info = read_info(folder) or {}
+        old_plan = {key: old_info.get(key) for key in plan}
     todo = [
         p
         for p in range(count)
@@ -367,6 +405,7 @@ def build(
             _clear(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _save_json(folder / PLAN_FILE, plan)
+        (folder / INFO_FILE).unlink(missing_ok=True)  # unfinished from here on
     for p in todo:
         name = _partition_name(p, count)
         rows = slice(p * partition_size, min(n, (p + 1) * partition_size))
@@ -387,11 +426,10 @@ def build(
         log.info("index %s: partition %s/%d encoded (%d items)", folder, name, count, len(keep))
     info: dict[str, Any] = {}
     if is_writer:
+        info = {**plan, **options.record()}
         for kind in kinds:
-            info[f"{kind}_index"] = index_embeddings(
-                folder, kind=kind, factory=factory, train_size=train_size
-            )
-        info = {**plan, **info, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            info.update(index_embeddings(folder, kind=kind, options=options))
+        info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         info["items"] = sum(_rows(p) for p in _metadata_files(folder))
         _save_json(folder / INFO_FILE, info)
         (folder / PLAN_FILE).unlink(missing_ok=True)
@@ -427,56 +465,130 @@ def _rows(path: Path) -> int:
     return int(pq.ParquetFile(path).metadata.num_rows)
 
 
-def auto_factory(n: int, dim: int) -> str:
-    """``Flat`` (exact) up to ``FLAT_MAX`` items, else ``IVF<nlist>,PQ<dim/8>`` with nlist the
-    power of two nearest ``4 sqrt(n)`` (faiss' guideline), between 1024 and 65536."""
-    if n <= FLAT_MAX:
-        return "Flat"
-    nlist = int(min(65536, max(1024, 2 ** round(math.log2(4 * math.sqrt(n))))))
-    return f"IVF{nlist},PQ{dim // 8}" if dim % 8 == 0 else f"IVF{nlist},Flat"
-
-
 def index_embeddings(
     folder: Path | str,
     *,
     embeddings: Path | str | None = None,
     kind: str = "image",
-    factory: str = "auto",
-    train_size: int | None = None,
+    options: IndexOptions | None = None,
     seed: int = 0,
-) -> str:
-    """Build ``<folder>/<kind>.index`` from ``<embeddings>/img_emb/*.npy`` (default: the folder
-    itself), as ``clip-retrieval index`` does; returns the factory string used.
+) -> dict[str, Any]:
+    """Build and tune ``<folder>/<kind>.index`` from ``<embeddings>/img_emb/*.npy`` (default:
+    the folder itself), as ``clip-retrieval index`` (autofaiss) does.
 
     Embeddings are read one partition at a time (memory-mapped). An IVF/PQ index is trained on
-    ``train_size`` vectors sampled uniformly over all partitions. Metadata of another
-    ``embeddings`` folder is copied next to the index.
+    ``options.train_size`` vectors sampled uniformly over all partitions; its search parameters
+    are then tuned (:func:`xmodal.retrieval.tuning.tune`) on up to ``options.tune_queries``
+    other vectors, each searched leave-one-out against the exact top-k, and written into the
+    faiss file. Metadata of another ``embeddings`` folder is copied next to the index. Returns
+    the info json's entries for this kind: ``<kind>_index`` (the factory),
+    ``<kind>_index_bytes`` (the file's size) and ``<kind>_search`` (the tuned parameters and the
+    recall they measured).
     """
     folder = Path(folder)
+    options = options or IndexOptions()
     source = Path(embeddings) if embeddings is not None else folder
     sub, index_name = MODALITIES[kind]
-    files = sorted((source / sub).glob("*.npy"))
-    if not files:
-        raise index_error(source, f"no {sub}/*.npy embedding files", BUILD_FIX)
-    arrays = [np.load(f, mmap_mode="r") for f in files]
+    arrays = _embedding_arrays(source, sub)
     n, dim = sum(len(a) for a in arrays), int(arrays[0].shape[1])
-    factory = auto_factory(n, dim) if factory == "auto" else factory
+    factory = options.factory
+    if factory == "auto":
+        factory = tuning.auto_factory(n, dim, options.max_memory)
+    rng = np.random.default_rng(seed)
     index = FaissIndex(dim, factory)
+    train_rows = np.zeros(0, dtype=np.int64)
     if not index.index.is_trained:
-        size = min(n, train_size or max(100_000, 40 * _nlist(factory)))
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-        index.train(torch.from_numpy(_take_rows(arrays, rows)))
+        size = min(n, options.train_size or max(100_000, 40 * _nlist(factory)))
+        train_rows = np.sort(rng.choice(n, size=size, replace=False))
+        index.train(torch.from_numpy(_take_rows(arrays, train_rows)))
     for array in arrays:
         for r0 in range(0, len(array), 1_000_000):
             index.add(torch.from_numpy(np.asarray(array[r0 : r0 + 1_000_000], np.float32)))
+    search = _tune_on(index.index, arrays, options, rng, exclude=train_rows)
     if source != folder:
         for path in _metadata_files(source):
             (folder / "metadata").mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, folder / "metadata" / path.name)
-    index.save(folder / index_name)
+    index.save(folder / index_name)  # the tuned parameters travel in the file too
     _readable(folder / index_name)
-    log.info("%s: %s index of %d x %d written", folder / index_name, factory, n, dim)
-    return factory
+    log.info(
+        "%s: %s index of %d x %d written; search %s: recall@%d %.4f against exact search",
+        folder / index_name,
+        factory,
+        n,
+        dim,
+        search["params"] or "exhaustive",
+        search["k"],
+        search["recall"],
+    )
+    return {
+        f"{kind}_index": factory,
+        f"{kind}_index_bytes": (folder / index_name).stat().st_size,
+        f"{kind}_search": search,
+    }
+
+
+def _embedding_arrays(source: Path, sub: str) -> list[np.ndarray]:
+    files = sorted((source / sub).glob("*.npy"))
+    if not files:
+        raise index_error(source, f"no {sub}/*.npy embedding files", BUILD_FIX)
+    arrays = []
+    for path in files:
+        try:
+            arrays.append(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError) as err:
+            record = read_info(source) or {}
+            fix = "re-create the embedding dump (clip-retrieval inference, or download it again)."
+            if record.get("collection"):
+                fix = f"delete it and re-encode it with `{rebuild_command(source, record)}` "
+                fix += "(the other partitions are reused)."
+            raise index_error(
+                source, f"{path} could not be read ({err}): it is truncated or corrupt", fix
+            ) from None
+    return arrays
+
+
+def _tune_on(
+    index: Any,
+    arrays: Sequence[np.ndarray],
+    options: IndexOptions,
+    rng: np.random.Generator,
+    exclude: np.ndarray,
+) -> dict[str, Any]:
+    """Tune ``index`` on held-out rows of ``arrays`` (not in ``exclude``, the training sample,
+    when possible), each searched leave-one-out against the exact top-k."""
+    n = sum(len(a) for a in arrays)
+    k = min(options.tune_k, n - 1)
+    if k < 1:  # a single item: nothing to tune
+        return {
+            "params": "",
+            "recall": 1.0,
+            "recall_se": 0.0,
+            "missing": 0,
+            "k": 0,
+            "queries": 0,
+            "target": options.target_recall,
+            "exact": True,
+            "reached": True,
+            "trials": [],
+        }
+    rows = _held_out_rows(n, exclude, min(options.tune_queries, n), rng)
+    queries = _take_rows(arrays, rows)
+    exact = tuning.drop_own(tuning.exact_knn(arrays, queries, k + 1), rows, k)
+    return tuning.tune(index, queries, exact, own=rows, target=options.target_recall)
+
+
+def _held_out_rows(n: int, exclude: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` distinct sorted rows of ``range(n)``, outside the sorted ``exclude`` when
+    enough rows are left (else anywhere)."""
+    if n - len(exclude) < count:
+        return np.sort(rng.choice(n, size=count, replace=False))
+    rows = np.zeros(0, dtype=np.int64)
+    while len(rows) < count:
+        draw = rng.integers(0, n, size=2 * (count - len(rows)) + 16)
+        draw = draw[~np.isin(draw, exclude, assume_unique=False)]
+        rows = np.unique(np.concatenate([rows, draw]))
+    return np.sort(rng.choice(rows, size=count, replace=False))
 
 
 def _nlist(factory: str) -> int:
@@ -496,15 +608,221 @@ def _take_rows(arrays: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
+# Re-indexing an embedding dump, tuning an index made elsewhere
+# ------------------------------------------------------------------------------------------
+
+
+def index_folder(
+    folder: Path | str,
+    *,
+    embeddings: Path | str | None = None,
+    kinds: Sequence[str] = ("image",),
+    options: IndexOptions | None = None,
+) -> dict[str, Any]:
+    """``xmodal-index index``: build and tune ``<kind>.index`` of an embedding dump
+    (``img_emb/`` + ``metadata/``, e.g. LAION-400M's) into ``folder`` and write its info json.
+
+    A plan file marks the folder unfinished until the info json is written. The encoder (and
+    the collection) recorded by an earlier xmodal build of the embeddings are kept.
+    """
+    folder = Path(folder)
+    options = options or IndexOptions()
+    source = Path(embeddings) if embeddings is not None else folder
+    plan = _read_json(folder / PLAN_FILE)
+    if plan is not None and plan.get("command") == "build":
+        raise index_error(
+            folder,
+            f"an unfinished build ({PLAN_FILE} is there, {INFO_FILE} is not)",
+            f"finish it first (finished partitions are reused): `{rebuild_command(folder, plan)}`.",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_json(folder / PLAN_FILE, {"command": "index", "embeddings": str(source)})
+    info = read_info(source) or {}
+    if not info:
+        info = {"format_version": FORMAT_VERSION, "encoder": None, "embeddings": str(source)}
+    info = {**info, "format_version": FORMAT_VERSION, **options.record()}
+    for kind in kinds:
+        info.update(index_embeddings(folder, embeddings=source, kind=kind, options=options))
+    info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    info["items"] = sum(_rows(p) for p in _metadata_files(folder))
+    _save_json(folder / INFO_FILE, info)
+    (folder / PLAN_FILE).unlink(missing_ok=True)
+    return info
+
+
+def tune_folder(
+    folder: Path | str,
+    *,
+    embeddings: Path | str | None = None,
+    kind: str = "image",
+    options: IndexOptions | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``xmodal-index tune``: tune the search parameters of an existing ``<kind>.index`` (e.g.
+    one built by clip-retrieval) against exact search over the embeddings it was built from
+    (``<embeddings>/img_emb/*.npy``, default the folder's own) and record them, with the
+    measured recall, in the folder's info json. The faiss file itself is left as it is."""
+    folder = Path(folder)
+    options = options or IndexOptions()
+    source = Path(embeddings) if embeddings is not None else folder
+    sub, index_name = MODALITIES[kind]
+    path = folder / index_name
+    if not path.exists():
+        raise index_error(folder, f"missing {index_name}", BUILD_FIX)
+    if not (source / sub).is_dir():
+        raise index_error(
+            folder,
+            f"tuning {index_name} needs the embeddings it was built from, and {source / sub} "
+            "does not exist",
+            f"pass them: `xmodal-index tune {folder} --embeddings <folder with {sub}/*.npy>`.",
+        )
+    arrays = _embedding_arrays(source, sub)
+    index = _read_faiss(folder, path, mmap=True, record=read_info(folder))
+    n = sum(len(a) for a in arrays)
+    if n != len(index) or int(arrays[0].shape[1]) != index.dim:
+        raise index_error(
+            folder,
+            f"{index_name} holds {len(index)} vectors of dimension {index.dim} but "
+            f"{source / sub} holds {n} of dimension {arrays[0].shape[1]}: not its embeddings",
+            "pass the embeddings the index was built from with --embeddings.",
+        )
+    search = _tune_on(index.index, arrays, options, np.random.default_rng(seed), np.zeros(0))
+    info = read_info(folder) or read_info(source) or {"encoder": None, "embeddings": str(source)}
+    info.update({"format_version": FORMAT_VERSION, "target_recall": options.target_recall})
+    info.update(
+        {
+            f"{kind}_index": info.get(f"{kind}_index") or type(index.index).__name__,
+            f"{kind}_index_bytes": _index_bytes(path),
+            f"{kind}_search": search,
+            "items": int(n),
+            "tuned": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+    _save_json(folder / INFO_FILE, info)
+    return info
+
+
+# ------------------------------------------------------------------------------------------
 # Opening and querying
 # ------------------------------------------------------------------------------------------
+
+
+def rebuild_command(folder: Path | str, record: dict[str, Any] | None) -> str | None:
+    """The command that (re)builds ``folder``, from its info json or plan file, or None."""
+    folder = Path(folder)
+    record = record or {}
+    if record.get("collection"):
+        encoder = (record.get("encoder") or {}).get("name") or "<index encoder>"
+        command = f"xmodal-index build --source {record['collection']} --folder {folder} "
+        command += f"backbone={encoder}"
+        if record.get("factory", "auto") != "auto":
+            command += f" --factory '{record['factory']}'"
+        return command + (" --text" if record.get("text") else "")
+    embeddings = record.get("embeddings")
+    if embeddings is None and (folder / "img_emb").is_dir():
+        embeddings = folder
+    if embeddings is not None:
+        return f"xmodal-index index --embeddings {embeddings} --folder {folder}"
+    return None
+
+
+def _rebuild_fix(folder: Path | str, record: dict[str, Any] | None) -> str:
+    command = rebuild_command(folder, record)
+    return f"rebuild it with `{command}` (see docs/xmore.md)." if command else BUILD_FIX
+
+
+def _tune_command(folder: Path) -> str:
+    if (folder / "img_emb").is_dir():
+        return f"xmodal-index tune {folder}"
+    return f"xmodal-index tune {folder} --embeddings <the folder with its img_emb/*.npy>"
+
+
+def _index_bytes(path: Path) -> int | None:
+    """Size of a faiss index file (None for autofaiss' on-disk folder)."""
+    return path.stat().st_size if path.is_file() else None
+
+
+def open_info(folder: Path | str, modality: str = "image") -> dict[str, Any]:
+    """The info json of a finished, tuned index in ``folder``; a one-paragraph error (file,
+    problem, the command that fixes it) for an unfinished build, a missing index, an index
+    without its info json or tuned parameters, or an index file that changed since."""
+    folder = Path(folder)
+    name = MODALITIES[modality][1]
+    path = folder / name
+    plan = _read_json(folder / PLAN_FILE)
+    if plan is not None:
+        raise index_error(
+            folder,
+            f"an unfinished build: {PLAN_FILE} is there and {INFO_FILE} is not (the build was "
+            "interrupted, or is still running)",
+            f"finish it (what was done is reused): `{rebuild_command(folder, plan)}`"
+            + (
+                ", or let X-MoRe finish it (evaluator.index.collection)."
+                if "collection" in plan
+                else "."
+            ),
+        )
+    if not path.exists():
+        raise index_error(folder, f"missing {name}", BUILD_FIX)
+    info = read_info(folder)
+    if info is None:
+        command = rebuild_command(folder, None)
+        raise index_error(
+            folder,
+            f"{name} has no {INFO_FILE} beside it: an unfinished build, or an index made "
+            "elsewhere whose search parameters (nprobe) were never tuned and recorded, so its "
+            "recall is unknown",
+            (f"rebuild it with `{command}`, or " if command else "")
+            + f"tune and record this index with `{_tune_command(folder)}`.",
+        )
+    search = info.get(f"{modality}_search")
+    if info.get("format_version", 1) < 2 or not isinstance(search, dict):
+        raise index_error(
+            folder,
+            f"{INFO_FILE} records no tuned search parameters for {name} (an index built by an "
+            "older xmodal, searched at faiss' default nprobe=1)",
+            f"{_rebuild_fix(folder, info)[:-1]}, or tune it: `{_tune_command(folder)}`.",
+        )
+    recorded, actual = info.get(f"{modality}_index_bytes"), _index_bytes(path)
+    if recorded is not None and actual != recorded:
+        raise index_error(
+            folder,
+            f"{path} holds {actual} bytes but {INFO_FILE} recorded {recorded} when it was "
+            "built: the file is truncated, or was replaced after the build",
+            _rebuild_fix(folder, info)[:-1]
+            + f"; if you replaced it on purpose, tune and record it: `{_tune_command(folder)}`.",
+        )
+    return info
+
+
+def _read_faiss(folder: Path, path: Path, mmap: bool, record: dict | None) -> FaissIndex:
+    """Read a faiss index (a file, or autofaiss' on-disk folder); an unreadable file is a
+    one-paragraph error naming it and the command that rebuilds it, not faiss' C++ message."""
+    import faiss
+
+    if path.is_dir():  # autofaiss' merged on-disk index, as `clip back` loads it
+        target, flags = path / "populated.index", faiss.IO_FLAG_ONDISK_SAME_DIR
+    else:
+        target, flags = path, (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    try:
+        return FaissIndex.load(target, None, flags)
+    except (RuntimeError, MemoryError) as err:
+        said = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        said = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", said)  # the C++ location
+        raise index_error(
+            folder,
+            f"{target} could not be read: it is truncated or corrupt (faiss: {said})",
+            _rebuild_fix(folder, record),
+        ) from None
 
 
 class ClipIndex:
     """An opened clip-retrieval index folder: batched kNN search and caption look-up.
 
-    Captions are read lazily, one metadata partition at a time, so a LAION-400M index (410
-    partitions of ~1M rows) never holds all its captions in memory.
+    The folder's info json must say the build finished; the search parameters tuned at build
+    time (``<modality>_search.params``, e.g. ``nprobe=48``) are applied, and an explicit
+    ``nprobe`` overrides them. Captions are read lazily, one metadata partition at a time, so a
+    LAION-400M index (410 partitions of ~1M rows) never holds all its captions in memory.
     """
 
     def __init__(
@@ -514,36 +832,40 @@ class ClipIndex:
         nprobe: int | None = None,
         mmap: bool = False,
     ) -> None:
-        import faiss
-
         self.folder = Path(folder)
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {tuple(MODALITIES)}, got {modality!r}")
         path = self.folder / MODALITIES[modality][1]
-        if path.is_dir():  # autofaiss' merged on-disk index, as `clip back` loads it
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
-            self.index = FaissIndex.load(path / "populated.index", None, flags)
-        elif path.is_file():
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-            self.index = FaissIndex.load(path, None, flags)
-        else:
-            raise index_error(self.folder, f"missing {path.name}", BUILD_FIX)
+        self.info = open_info(self.folder, modality)
+        self.index = _read_faiss(self.folder, path, mmap, self.info)
+        self.tuned = self.info[f"{modality}_search"]
+        self.params = self.tuned.get("params", "")
+        tuning.apply_params(self.index.index, self.params)
         if nprobe is not None:
             try:
-                faiss.extract_index_ivf(self.index.index).nprobe = nprobe
-            except RuntimeError:
+                self.params = tuning.set_nprobe(self.index.index, nprobe)
+            except ValueError:
                 log.info("%s is not an IVF index: nprobe=%d ignored", path, nprobe)
-        self.info = _read_json(self.folder / INFO_FILE)
         self.partitions = _metadata_files(self.folder)
         if not self.partitions:
             raise index_error(self.folder, "no metadata/*.parquet files", BUILD_FIX)
-        self.offsets = np.cumsum([0] + [_rows(p) for p in self.partitions])
+        rows = []
+        for part in self.partitions:
+            try:
+                rows.append(_rows(part))
+            except (OSError, ValueError) as err:
+                raise index_error(
+                    self.folder,
+                    f"{part} could not be read ({err}): it is truncated or corrupt",
+                    _rebuild_fix(self.folder, self.info),
+                ) from None
+        self.offsets = np.cumsum([0, *rows])
         if self.offsets[-1] != len(self.index):
             raise index_error(
                 self.folder,
                 f"the metadata holds {self.offsets[-1]} rows but {path.name} holds "
                 f"{len(self.index)} vectors (rows must be aligned)",
-                "rebuild the index from its embeddings: `xmodal-index index --folder <folder>`.",
+                _rebuild_fix(self.folder, self.info),
             )
 
     def __len__(self) -> int:
