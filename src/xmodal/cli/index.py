@@ -33,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from xmodal.data.base import DatasetLayoutError
+from xmodal.errors import EXIT_EXPECTED, XmodalError, expected_message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -278,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except DatasetLayoutError as err:
-        print(f"\nxmodal-index: {err}\n", file=sys.stderr)
-        sys.exit(2)
+    except XmodalError as err:  # a broken collection or index folder, a corrupt image, ...
+        print(f"\nxmodal-index: {expected_message(err)}\n", file=sys.stderr)
+        sys.exit(EXIT_EXPECTED)
 
 
 if __name__ == "__main__":

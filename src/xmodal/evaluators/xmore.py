@@ -66,6 +66,7 @@ from xmodal.evaluators.zeroshot import (
     classification_split,
     image_logits,
 )
+from xmodal.inputs import content_digest
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
 from xmodal.retrieval import tuning
 from xmodal.retrieval.cache import digest
@@ -316,10 +317,13 @@ class XMoReEvaluator:
             open_info(folder)
 
     def _dataset_key(self, ctx: EvalContext, split: ClassificationSplit) -> dict[str, Any]:
+        """The test images, by path and by file fingerprint (a replaced image is a new key)."""
         return {
             "dataset": ctx.cfg.data.name,
             "root": str(Path(ctx.cfg.data.root).resolve()),
             "items": digest(split.image_paths),
+            "content": content_digest(split.image_paths),
+            "on_corrupt": str(ctx.cfg.data.on_corrupt),
             "count": len(split.image_paths),
         }
 
