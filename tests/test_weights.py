@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from xmodal.backbones import build, get_config, identity, save_checkpoint
-from xmodal.backbones import lavis
+from xmodal.backbones import build, get_config, identity, lavis, save_checkpoint
 from xmodal.backbones.blip import to_hf_names
 from xmodal.backbones.config import WeightsMismatchError, WeightsNotFoundError
 from xmodal.backbones.hf import FP32LayerNorm

@@ -78,7 +78,7 @@ def _hub_id(spec_name: str) -> str | None:
 def shape_fields(config: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The parts of a transformers BLIP/BLIP-2 config that decide the weights' shapes (read
     through transformers' config class, which fills in defaults and derived sizes)."""
-    from transformers import BlipConfig, Blip2Config
+    from transformers import Blip2Config, BlipConfig
 
     config_class, subs = (
         (Blip2Config, ("vision_config", "qformer_config"))
