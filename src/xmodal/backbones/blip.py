@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from xmodal.backbones import hf
 from xmodal.backbones import preprocess as pre
 from xmodal.backbones.config import BackboneConfig
-from xmodal.backbones.weights import Weights, load_checked
+from xmodal.backbones.weights import Weights, construction, load_checked
 from xmodal.errors import ConfigError
 
 CONFIG_KEY = "blip_config"
@@ -126,7 +126,8 @@ def build(
     """Build (BlipITC in eval mode, eval preprocess, tokenizer) from resolved weights."""
     config = dict(weights.model_config or spec[CONFIG_KEY])
     config.pop("architectures", None)
-    model = BlipITC(hf_model(config))
+    with construction(weights):
+        model = BlipITC(hf_model(config))
     if not weights.random:
         load_checked(model, weights, f"blip arch {cfg.arch}")
     hf.cast_vit(model.visual, cfg.precision)

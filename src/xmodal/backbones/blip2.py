@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from xmodal.backbones import hf
 from xmodal.backbones import preprocess as pre
 from xmodal.backbones.config import BackboneConfig
-from xmodal.backbones.weights import Weights, load_checked
+from xmodal.backbones.weights import Weights, construction, load_checked
 from xmodal.errors import ConfigError
 
 CONFIG_KEY = "blip2_config"
@@ -193,7 +193,8 @@ def build(
     """Build (Blip2QFormer in eval mode, eval preprocess, tokenizer) from resolved weights."""
     config = dict(weights.model_config or spec[CONFIG_KEY])
     config.pop("architectures", None)
-    model = Blip2QFormer(hf_model(config))
+    with construction(weights):
+        model = Blip2QFormer(hf_model(config))
     if not weights.random:
         load_checked(model, weights, f"blip2 arch {cfg.arch}")
     hf.cast_vit(model.vision_model, cfg.precision)  # the Q-Former stays fp32, as in BLIP-2

@@ -37,6 +37,7 @@ from xmodal.backbones.config import (
 )
 from xmodal.backbones.weights import (
     Weights,
+    construction,
     file_sha256,
     load_checked,
     locate,
@@ -303,19 +304,20 @@ def _adapt(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
 def build(cfg: BackboneConfig, weights: Weights) -> tuple[nn.Module, Callable, Callable]:
     """Build (model in eval mode, eval image transform, tokenizer) from resolved weights."""
     preprocess = weights.preprocess
-    model, _, preprocess_val = open_clip.create_model_and_transforms(
-        cfg.arch,
-        pretrained=None,
-        precision=cfg.precision,
-        force_image_size=cfg.image_size,
-        image_mean=tuple(cfg.image_mean) if cfg.image_mean else preprocess.get("mean"),
-        image_std=tuple(cfg.image_std) if cfg.image_std else preprocess.get("std"),
-        image_interpolation=preprocess.get("interpolation"),
-        image_resize_mode=preprocess.get("resize_mode"),
-        pretrained_text=False,  # never fetch a text tower's base weights behind the user's back
-        cache_dir=cfg.cache_dir,
-        quick_gelu=cfg.quick_gelu,
-    )
+    with construction(weights):
+        model, _, preprocess_val = open_clip.create_model_and_transforms(
+            cfg.arch,
+            pretrained=None,
+            precision=cfg.precision,
+            force_image_size=cfg.image_size,
+            image_mean=tuple(cfg.image_mean) if cfg.image_mean else preprocess.get("mean"),
+            image_std=tuple(cfg.image_std) if cfg.image_std else preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"),
+            image_resize_mode=preprocess.get("resize_mode"),
+            pretrained_text=False,  # never fetch a text tower's base weights behind the user's back
+            cache_dir=cfg.cache_dir,
+            quick_gelu=cfg.quick_gelu,
+        )
     if not weights.random:
         assert weights.state_dict is not None
         weights.state_dict = _adapt(model, weights.state_dict)
