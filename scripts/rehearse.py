@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,7 +88,12 @@ def write_formats(name: str, cfg: Any, model: torch.nn.Module, tokenizer: Any, o
     from xmodal.backbones import lavis, save_checkpoint
 
     state = model.state_dict()
-    yield "xmodal .pt", str(save_checkpoint(model, out / "xmodal.pt", cfg)), {}
+    if cfg.kind != "open_clip":  # its tokenizer, pre-fetched into the cache as users do
+        tokenizer.tokenizer.save_pretrained(out / "tokenizer")
+        files = {p.name: p for p in (out / "tokenizer").iterdir()}
+        _fake_hub(out / "hub", "bert-base-uncased", files)
+    cache = {} if cfg.kind == "open_clip" else {"cache_dir": str(out / "hub")}
+    yield "xmodal .pt", str(save_checkpoint(model, out / "xmodal.pt", cfg)), cache
     if cfg.kind == "open_clip":
         torch.save(state, out / "open_clip_pytorch_model.bin")
         yield "state-dict .bin", str(out / "open_clip_pytorch_model.bin"), {}
@@ -121,9 +125,9 @@ def write_formats(name: str, cfg: Any, model: torch.nn.Module, tokenizer: Any, o
             _fake_hub(out / "hub", repo, {filename: out / "weights.safetensors"})
             yield f"tag '{cfg.pretrained}' (cache)", cfg.pretrained, {"cache_dir": str(out / "hub")}
         return
+    from xmodal.backbones.blip import hf_model as blip_hf
     from xmodal.backbones.blip import to_hf_names
     from xmodal.backbones.blip2 import hf_model as blip2_hf
-    from xmodal.backbones.blip import hf_model as blip_hf
 
     hf_names = to_hf_names(state) if cfg.kind == "blip" else dict(state)
     hf = (blip2_hf if cfg.kind == "blip2" else blip_hf)(model.config.to_dict())
@@ -141,12 +145,12 @@ def write_formats(name: str, cfg: Any, model: torch.nn.Module, tokenizer: Any, o
     lavis_state["temp"] = torch.tensor(0.07)
     file = "blip2_pretrained.pth" if cfg.kind == "blip2" else "model_base_capfilt_large.pth"
     torch.save({"model": lavis_state}, out / file)
-    yield "LAVIS .pth", str(out / file), {}
+    yield "LAVIS .pth", str(out / file), cache
     if cfg.kind == "blip2":  # HUG's train.py: LAVIS model under blip_backbone.blip_model.
         inner = {f"blip_backbone.blip_model.{k}": v for k, v in lavis_state.items()}
         inner["visual_uncertainty_estimator.mlp.0.weight"] = torch.zeros(4, 4)
         torch.save({"epoch": 30, "model_state_dict": inner}, out / "hug_best.pt")
-        yield "HUG checkpoint", str(out / "hug_best.pt"), {}
+        yield "HUG checkpoint", str(out / "hug_best.pt"), cache
 
 
 # -- one backbone --------------------------------------------------------------------------------
@@ -173,8 +177,32 @@ def encode(model: torch.nn.Module, pixels: torch.Tensor, tokens: Any) -> tuple[t
     return img, txt
 
 
-def workload(kind: str, model: torch.nn.Module, pixels: torch.Tensor, tokens: Any) -> str:
-    """One small batch of an evaluator or method on the backbone; returns what was checked."""
+def workload(
+    kind: str, model: torch.nn.Module, pixels: torch.Tensor, tokens: Any, repeats: int = 1
+) -> str:
+    """One small batch of an evaluator or method on the backbone; returns what was checked.
+
+    With `repeats` > 1 the workload runs that many times more after a warm-up run and the mean
+    time of those is reported (throughput).
+    """
+    result = _workload(kind, model, pixels, tokens)
+    if repeats <= 1:
+        return result
+    _sync(pixels.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        _workload(kind, model, pixels, tokens)
+    _sync(pixels.device)
+    seconds = (time.perf_counter() - start) / repeats
+    return f"{result} [{seconds * 1e3:.0f} ms/batch, {pixels.shape[0] / seconds:.1f} samples/s]"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _workload(kind: str, model: torch.nn.Module, pixels: torch.Tensor, tokens: Any) -> str:
     if kind in ("retrieval", "zeroshot", "xmore", "clip_pretrain"):
         encode(model, pixels, tokens)
         return f"{kind}: encode ok"
@@ -189,12 +217,13 @@ def workload(kind: str, model: torch.nn.Module, pixels: torch.Tensor, tokens: An
         from xmodal.methods.ruir import RUIR, RUIRConfig
 
         d = encode(model, pixels[:1], _first(tokens))[1].shape[-1]
-        module = RUIR(model, d, RUIRConfig())
+        module = RUIR(model, d, RUIRConfig()).to(pixels.device)
         module.train()
         batch = {"reference": pixels, "target": pixels.flip(0), "text": tokens}
         loss = module.training_step(batch, 0)
         loss.backward()
         grads = [p.grad for p in module.parameters() if p.requires_grad]
+        module.zero_grad(set_to_none=False)
         assert torch.isfinite(loss) and all(
             g is not None and torch.isfinite(g).all() for g in grads
         )
@@ -202,12 +231,13 @@ def workload(kind: str, model: torch.nn.Module, pixels: torch.Tensor, tokens: An
     if kind == "hug":
         from xmodal.methods.hug import HUG, HUGConfig
 
-        module = HUG(model, HUGConfig())
+        module = HUG(model, HUGConfig()).to(pixels.device)
         module.train()
         batch = {"reference": pixels, "target": pixels.flip(0), "text": tokens}
         loss = module.training_step(batch, 0)
         loss.backward()
         grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        module.zero_grad(set_to_none=False)
         assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
         k = model.num_query_tokens
         return (
@@ -220,9 +250,28 @@ def _first(tokens: Any) -> Any:
     return {k: v[:1] for k, v in tokens.items()} if isinstance(tokens, dict) else tokens[:1]
 
 
+def quiet() -> None:
+    """Silence what random weights and trainer-less training steps make libraries say."""
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
 def rehearse_one(
-    name: str, kinds: list[str], batch: int, precision: str | None, device: str
+    name: str,
+    kinds: list[str],
+    batch: int,
+    precision: str | None = None,
+    device: str = "cpu",
+    autocast: str | None = None,
+    check_formats: bool = True,
+    repeats: int = 1,
 ) -> dict:
+    """Rehearse one backbone (see the module docstring). `autocast` ("fp16"/"bf16") runs the
+    workloads under torch.autocast as Lightning's 16-mixed / bf16-mixed do; `check_formats=False`
+    skips the save/reload round trips; `repeats` times the workloads."""
     from xmodal.backbones import build, get_config
 
     start = time.time()
@@ -236,7 +285,7 @@ def rehearse_one(
         warnings.simplefilter("ignore")
         model, preprocess, tokenizer = build(cfg)
     size = _input_size(model, preprocess)
-    pixels, tokens = inputs(preprocess, tokenizer, batch, size)
+    pixels, tokens = inputs(preprocess, tokenizer, 2, size)  # the reload checks: 2 samples
     reference = encode(model, pixels, tokens)
     n_params = sum(p.numel() for p in model.parameters())
     length = (tokens["input_ids"] if isinstance(tokens, dict) else tokens).shape[1]
@@ -244,16 +293,16 @@ def rehearse_one(
     with tempfile.TemporaryDirectory(prefix=f"rehearse-{name}-") as tmp:
         out = Path(tmp)
         saved = dataclasses.replace(cfg, pretrained=default_pretrained)
-        specs = list(write_formats(name, saved, model, tokenizer, out))
+        specs = list(write_formats(name, saved, model, tokenizer, out)) if check_formats else []
+        reloaded = model if not specs else None
         del model
         gc.collect()
-        reloaded = None
         for fmt, pretrained, extra in specs:
             c = dataclasses.replace(cfg, pretrained=pretrained, **extra)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 reloaded, pre2, tok2 = build(c)
-            p2, t2 = inputs(pre2, tok2, batch, size)
+            p2, t2 = inputs(pre2, tok2, 2, size)
             assert torch.equal(
                 t2["input_ids"] if isinstance(t2, dict) else t2,
                 tokens["input_ids"] if isinstance(tokens, dict) else tokens,
@@ -266,8 +315,17 @@ def rehearse_one(
                 del reloaded, pre2, tok2
                 gc.collect()
         model = reloaded.to(device)
-        for kind in sorted(kinds) or ["retrieval"]:
-            done.append(workload(kind, model, pixels.to(device), _to(tokens, device)))
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(autocast or "")
+        context = (
+            torch.autocast(torch.device(device).type, dtype=dtype)
+            if dtype
+            else contextlib.nullcontext()
+        )
+        pixels, tokens = inputs(preprocess, tokenizer, batch, size)
+        with context:
+            for kind in sorted(kinds) or ["retrieval"]:
+                args = (model, pixels.to(device), _to(tokens, device), repeats)
+                done.append(workload(kind, *args))
     dtype = str(reference[0].dtype).removeprefix("torch.")
     return {
         "name": name,
@@ -279,6 +337,9 @@ def rehearse_one(
         "workloads": done,
         "seconds": round(time.time() - start, 1),
         "peak_rss_GB": round(_max_rss() / 2**30, 2),
+        "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if torch.cuda.is_available()
+        else None,
     }
 
 
@@ -318,6 +379,7 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: rehearse one, print JSON
     args = parser.parse_args()
     if args.one:
+        quiet()
         kinds = json.loads(os.environ.get("XMODAL_REHEARSE_KINDS", "[]"))
         result = rehearse_one(args.one, kinds, args.batch, args.precision, args.device)
         print(json.dumps(result))

@@ -89,6 +89,7 @@ def tiny_blip():
         "lightning",
         "ddp",
         "open_clip_folder",
+        "torchscript",
     ],
 )
 def test_open_clip_weight_formats_reload_exactly(fmt: str, tiny_clip, tmp_path) -> None:
@@ -112,6 +113,13 @@ def test_open_clip_weight_formats_reload_exactly(fmt: str, tiny_clip, tmp_path) 
     elif fmt == "ddp":
         path = tmp_path / "ddp.pt"
         torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif fmt == "torchscript":  # like OpenAI's original ViT-B-32.pt
+        path = tmp_path / "ViT-tiny.pt"
+        _, _, tokenizer = tiny_clip
+        pixels = torch.zeros(1, 3, 32, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(model, (pixels, tokenizer(["a"])), strict=False).save(str(path))
     else:
         path = tmp_path / "folder"
         path.mkdir()

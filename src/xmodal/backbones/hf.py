@@ -191,13 +191,26 @@ def _wordpiece(words: list[str]) -> Any:
     )
 
 
-def placeholder_tokenizer(vocab_size: int) -> Any:
-    """A WordPiece tokenizer with `vocab_size` ids (the shapes-world words, then fillers), for
-    random-weight models whose real tokenizer is not on this machine."""
-    words = tiny_tokenizer(MODEL_CONFIG_DIR / "xmodal-tiny-blip2-vocab.txt").get_vocab()
-    ordered = sorted(words, key=words.__getitem__)
-    ordered += [f"[unused{i}]" for i in range(vocab_size - len(ordered))]
-    return _wordpiece(ordered[:vocab_size])
+def placeholder_tokenizer(vocab_size: int, spec: Mapping[str, Any]) -> Any:
+    """A WordPiece tokenizer with `vocab_size` ids (the shapes-world words, fillers, then the
+    spec's special tokens), for random-weight models whose real tokenizer is not here."""
+    words = (MODEL_CONFIG_DIR / "xmodal-tiny-blip2-vocab.txt").read_text(encoding="utf-8").split()
+    added = [t for t in spec.get("additional_special_tokens", []) if t not in words]
+    base = vocab_size - len(added)
+    words += [f"[unused{i}]" for i in range(base - len(words))]
+    return _add_specials(_wordpiece(words[:base]), spec)
+
+
+def _add_specials(tok: Any, spec: Mapping[str, Any]) -> Any:
+    """BLIP's special tokens on top of bert-base-uncased: bos [DEC] (and [ENC] for BLIP-1)."""
+    special: dict[str, Any] = {}
+    if spec.get("bos_token"):
+        special["bos_token"] = spec["bos_token"]
+    if spec.get("additional_special_tokens"):
+        special["additional_special_tokens"] = list(spec["additional_special_tokens"])
+    if special:
+        tok.add_special_tokens(special)
+    return tok
 
 
 def tokenizer(cfg: BackboneConfig, spec: dict[str, Any], weights: Weights, vocab_size: int) -> Any:
@@ -222,21 +235,14 @@ def tokenizer(cfg: BackboneConfig, spec: dict[str, Any], weights: Weights, vocab
                 f"Pre-fetch it with `{hub_download_command(name, cfg.cache_dir)}`.",
                 stacklevel=2,
             )
-            return placeholder_tokenizer(vocab_size)
+            return placeholder_tokenizer(vocab_size, spec)
         if offline:
             how = hub_download_command(name, cfg.cache_dir)
             raise offline_error(
                 f"the tokenizer {name} of {cfg.arch}", hub_cache(cfg.cache_dir), how
             ) from None
         raise
-    special: dict[str, Any] = {}
-    if spec.get("bos_token"):
-        special["bos_token"] = spec["bos_token"]
-    if spec.get("additional_special_tokens"):
-        special["additional_special_tokens"] = spec["additional_special_tokens"]
-    if special:
-        tok.add_special_tokens(special)
-    return tok
+    return _add_specials(tok, spec)
 
 
 class TextTokenizer:

@@ -401,6 +401,9 @@ def load_checked(model: nn.Module, weights: Weights, what: str) -> None:
     assert weights.state_dict is not None
     expected = model.state_dict()
     state, outside = align_keys(weights.state_dict, expected)
+    computed = {n for n, _ in model.named_buffers()} - set(expected)  # non-persistent buffers
+    outside += [k for k in state if k in computed]  # e.g. a traced model's attention mask
+    state = {k: v for k, v in state.items() if k not in computed}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
