@@ -445,3 +445,24 @@ def test_identity_of_random_folder_and_file_weights(tiny_blip2, tmp_path) -> Non
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "note": 1}))
     assert identity(_cfg("tiny_blip2", folder))["pretrained"] != first
+
+
+# -- full size ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_size_vit_b_32_in_every_format() -> None:
+    """The real ViT-B/32 (151 M parameters, 224 px, 77 tokens), random weights, written in every
+    format it accepts (the tag's cache included) and reloaded exactly; encoding and uCLIP's MC
+    dropout at the real input size (what `make rehearse` does for every backbone)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import rehearse
+
+    result = rehearse.rehearse_one("openclip_vit_b_32_openai", ["retrieval", "uclip"], batch=2)
+    assert result["params_M"] == pytest.approx(151.3, abs=0.1)
+    assert result["input"] == "224px x2, 77 tokens" and result["embed"] == "(512,) float32"
+    assert len(result["formats"]) == 6 and "tag 'openai' (cache)" in result["formats"]
+    assert any("MC-dropout passes differ" in w for w in result["workloads"])
