@@ -405,6 +405,8 @@ def test_blip_towers_split_like_open_clip(tiny_blip) -> None:
     assert any(n.startswith("visual.vision_model.") for n in names)
     assert any(n.startswith("visual.vision_proj.") for n in names)
     assert all(n.startswith(("visual.", "text_encoder.", "text_proj.")) for n in names)
+    frozen = {n for n, p in tiny_blip[0].named_parameters() if not p.requires_grad}
+    assert frozen and all(".crossattention." in n for n in frozen)  # unused by ITC features
 
 
 # -- padding and identity -------------------------------------------------------------------------

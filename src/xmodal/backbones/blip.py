@@ -8,7 +8,9 @@ loads it: LAVIS `blip_feature_extractor`, model type `base` (224 px,
 - text feature  = text_proj(BERT CLS output of a text-only pass, no cross-attention), d = 256.
 
 Both unnormalised (callers L2-normalise, as LAVIS' features are). transformers'
-`BlipForImageTextRetrieval` computes its ITC score the same way. The image tower's parameters sit
+`BlipForImageTextRetrieval` computes its ITC score the same way. The text encoder's
+cross-attention blocks (image-grounded text, ITM) are kept for the weights but frozen: the ITC
+features never use them. The image tower's parameters sit
 under `visual.` (as open_clip's do), the text tower's under `text_encoder.` / `text_proj.`.
 """
 
@@ -54,6 +56,9 @@ class BlipITC(nn.Module):
         self.text_encoder = retrieval_model.text_encoder
         self.text_proj = retrieval_model.text_proj
         self.preprocess_cfg: dict[str, Any] = {}  # set by build, saved in checkpoints
+        for layer in self.text_encoder.encoder.layer:  # image-grounded (ITM) only: never used
+            if hasattr(layer, "crossattention"):  # by ITC features, so never trained here
+                layer.crossattention.requires_grad_(False)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         return self.visual(pixel_values)

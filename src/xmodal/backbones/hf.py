@@ -31,7 +31,7 @@ from xmodal.backbones.config import (
     is_offline,
     offline_error,
 )
-from xmodal.backbones.weights import Weights, locate, read_file, read_folder
+from xmodal.backbones.weights import FOLDER_WEIGHTS, Weights, locate, read_file, read_folder
 from xmodal.errors import ConfigError
 
 log = logging.getLogger("xmodal")
@@ -116,8 +116,9 @@ def resolve(cfg: BackboneConfig, spec: dict[str, Any], config_key: str) -> Weigh
     if weights.random:
         return weights
     assert weights.path is not None
-    if weights.source == "hub" and not (weights.path / "config.json").is_file():
-        if not is_offline():
+    has_weights = any((weights.path / n).is_file() for n in FOLDER_WEIGHTS)
+    if weights.source == "hub" and not has_weights:
+        if not is_offline():  # a repo with .bin weights only
             weights.path = locate(cfg, hub_patterns=HUB_FALLBACK).path
     if weights.path.is_dir():
         state, config, name = read_folder(weights.path)

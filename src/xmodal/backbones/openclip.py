@@ -8,6 +8,7 @@ the weights (open_clip only warns), and a download attempt when offline.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -183,8 +184,6 @@ def _file_quick_gelu(path: Path, arch: str) -> tuple[bool | None, str]:
     """
     sibling = path.parent / "open_clip_config.json"
     if sibling.is_file():
-        import json
-
         model_cfg = json.loads(sibling.read_text(encoding="utf-8")).get("model_cfg", {})
         return bool(model_cfg.get("quick_gelu", False)), f"{sibling.name} beside it"
     match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.as_posix())
