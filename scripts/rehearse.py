@@ -132,8 +132,14 @@ def write_formats(name: str, cfg: Any, model: torch.nn.Module, tokenizer: Any, o
     from xmodal.backbones.blip2 import hf_model as blip2_hf
 
     hf_names = to_hf_names(state) if cfg.kind == "blip" else dict(state)
-    hf = (blip2_hf if cfg.kind == "blip2" else blip_hf)(model.config.to_dict())
-    hf.load_state_dict(hf_names, strict=False)  # BLIP-1's ITM head stays random: not used
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # the tensors of `model` are assigned, not copied
+        hf = (blip2_hf if cfg.kind == "blip2" else blip_hf)(model.config.to_dict())
+    hf.load_state_dict(hf_names, strict=False, assign=True)
+    if cfg.kind == "blip":  # BLIP-1's ITM head: not part of the ITC towers, any value will do
+        torch.nn.init.zeros_(hf.itm_head.weight)
+        torch.nn.init.zeros_(hf.itm_head.bias)
     folder = out / "save_pretrained"
     hf.save_pretrained(folder)
     tokenizer.tokenizer.save_pretrained(folder)
@@ -292,10 +298,14 @@ def rehearse_one(
     n_params = sum(p.numel() for p in model.parameters())
     length = (tokens["input_ids"] if isinstance(tokens, dict) else tokens).shape[1]
     formats, done = [], []
+    stages = {"build": time.time() - start}
     with tempfile.TemporaryDirectory(prefix=f"rehearse-{name}-") as tmp:
         out = Path(tmp)
         saved = dataclasses.replace(cfg, pretrained=default_pretrained)
+        mark = time.time()
         specs = list(write_formats(name, saved, model, tokenizer, out)) if check_formats else []
+        stages["write"] = time.time() - mark
+        mark = time.time()
         reloaded = model if not specs else None
         del model
         gc.collect()
@@ -316,6 +326,8 @@ def rehearse_one(
             if fmt != specs[-1][0]:
                 del reloaded, pre2, tok2
                 gc.collect()
+        stages["reload"] = time.time() - mark
+        mark = time.time()
         model = reloaded.to(device)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(autocast or "")
         context = (
@@ -328,6 +340,7 @@ def rehearse_one(
             for kind in sorted(kinds) or ["retrieval"]:
                 args = (model, pixels.to(device), _to(tokens, device), repeats)
                 done.append(workload(kind, *args))
+        stages["run"] = time.time() - mark
     dtype = str(reference[0].dtype).removeprefix("torch.")
     return {
         "name": name,
@@ -338,6 +351,7 @@ def rehearse_one(
         "formats": formats,
         "workloads": done,
         "seconds": round(time.time() - start, 1),
+        "stages": ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()),
         "peak_rss_GB": round(_max_rss() / 2**30, 2),
         "peak_gpu_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if torch.cuda.is_available()
@@ -417,7 +431,8 @@ def main() -> int:
             f"ok   {r['name']:<38} {r['arch']:<16} {r['params_M']:>7}M  {r['input']:<22} "
             f"emb {r['embed']:<16} {r['seconds']:>6.1f}s  peak {r['peak_rss_GB']:>5.2f} GB\n"
             f"     formats: {', '.join(r['formats'])}\n"
-            f"     {'; '.join(r['workloads'])}",
+            f"     {'; '.join(r['workloads'])}\n"
+            f"     ({r['stages']})",
             flush=True,
         )
     print(f"{len(names) - failed}/{len(names)} backbones rehearsed in {time.time() - total:.0f}s")
