@@ -81,6 +81,10 @@ def _rows(tokens, start: int, stop: int):
     )
 
 
+def _formats(formats: list[str]) -> str:
+    return f"{len(formats)} weight formats reloaded exactly" if formats else "formats: see above"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny backbones")
@@ -113,7 +117,7 @@ def main() -> int:
             )
             print(
                 f"[{precision}] {name} ({r['params_M']}M, {r['input']}): "
-                f"formats {len(r['formats'])} ok; {'; '.join(r['workloads'])}; "
+                f"{_formats(r['formats'])}; {'; '.join(r['workloads'])}; "
                 f"{time.time() - t:.0f}s, peak GPU {r['peak_gpu_GB']} GB, "
                 f"RSS {r['peak_rss_GB']} GB",
                 flush=True,

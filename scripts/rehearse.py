@@ -15,7 +15,7 @@ saved in the formats users hold. For every `conf/backbone` entry this script
    training step (forward + backward), checking shapes, dtypes and finiteness.
 
 Each backbone runs in a fresh process (memory is freed in between) and prints one line with its
-time and peak memory. Run it with `make rehearse` (not part of `make test`); it takes ~20 minutes on
+time and peak memory. Run it with `make rehearse` (not part of `make test`); it takes ~22 minutes on
 a 2-core CPU. `--only NAME` rehearses some backbones, `--precision`/`--device` other settings (the
 GPU check uses them).
 """
