@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xmodal-installed
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 export XMODAL_ROOT ?= $(CURDIR)
 
-.PHONY: help install demo test test-all lint format bench table wandb-sync clean-outputs
+.PHONY: help install demo test test-all lint format bench rehearse table wandb-sync clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ format: $(STAMP)  ## ruff autofix + format
 
 bench: $(STAMP)  ## performance benchmarks: print measured ratios against baselines
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+rehearse: $(STAMP)  ## every backbone at full size, random weights, reloaded in every weight format (~25 min)
+	$(PY) scripts/rehearse.py
 
 table: $(STAMP)  ## render a paper table from run directories: make table TABLE=<name>
 	$(PY) -m xmodal.cli.table table=$(TABLE)

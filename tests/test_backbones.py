@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it
 
@@ -27,7 +28,9 @@ from xmodal.backbones import (
     list_backbones,
     save_checkpoint,
 )
+from xmodal.backbones.config import WeightsNotFoundError
 from xmodal.backbones.openclip import MODEL_CONFIG_DIR
+from xmodal.errors import ConfigError
 
 TEXTS = ["a small red circle on the left", "two blue squares at the top", "a quokka zebra"]
 
@@ -134,27 +137,50 @@ def test_checkpoint_of_another_arch_is_refused(tmp_path, tiny_clip) -> None:
         build(cfg)
 
 
-def test_hf_hub_model_from_cache_pins_quick_gelu(tmp_path, tiny_clip) -> None:
-    """An `hf-hub:` open_clip model loads from a (fake, pre-filled) cache with its preprocessing."""
-    repo = tmp_path / "models--xmodal--tiny"
-    snapshot = repo / "snapshots" / ("0" * 40)
+def _fake_hub_repo(cache: Path, repo: str, files: dict[str, object]) -> Path:
+    """A pre-filled Hugging Face cache entry (refs/main -> one snapshot) holding `files`."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name, content in files.items():
+        if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+            torch.save(content, snapshot / name)
+        else:
+            (snapshot / name).write_text(json.dumps(content))
+    return snapshot
+
+
+def test_hf_hub_model_from_cache_pins_quick_gelu(tmp_path, tiny_clip) -> None:
+    """Hub weights (`pretrained: hf-hub:org/repo`) load from a pre-filled cache with their
+    preprocessing; the activation recorded in open_clip_config.json is enforced."""
     model_cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONFIG_DIR / "xmodal-tiny-clip.json"))
     preprocess_cfg = {"mean": [0.5] * 3, "std": [0.5] * 3}
-    (snapshot / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
-    )
-    torch.save(tiny_clip[0].state_dict(), snapshot / "open_clip_pytorch_model.bin")
-    cfg = {"name": "hub", "arch": "hf-hub:xmodal/tiny", "cache_dir": str(tmp_path)}
-    with pytest.raises(ValueError, match="QuickGELU mismatch"):
-        build({**cfg, "quick_gelu": False})
-    model, preprocess, _ = build({**cfg, "quick_gelu": True})
-    images = torch.stack([preprocess(im) for im in _images(2)])
-    assert preprocess.transforms[-1].mean == [0.5] * 3
-    with torch.no_grad():
-        assert torch.equal(model.encode_image(images), tiny_clip[0].encode_image(images))
+    state = tiny_clip[0].state_dict()
+    for repo, quick_gelu in (("xmodal/tiny", True), ("xmodal/tiny_gelu", False)):
+        config = {"model_cfg": {**model_cfg, "quick_gelu": quick_gelu}}
+        config["preprocess_cfg"] = preprocess_cfg
+        files = {"open_clip_config.json": config, "open_clip_pytorch_model.bin": state}
+        _fake_hub_repo(tmp_path, repo, files)
+    cfg = {
+        "name": "hub",
+        "arch": "xmodal-tiny-clip",
+        "quick_gelu": True,
+        "cache_dir": str(tmp_path),
+    }
+    with pytest.raises(ConfigError, match="backbone.pretrained=hf-hub:xmodal/tiny"):
+        build({**cfg, "arch": "hf-hub:xmodal/tiny"})
+    with pytest.raises(ValueError, match="QuickGELU mismatch.*trained with GELU"):
+        build({**cfg, "pretrained": "hf-hub:xmodal/tiny_gelu"})
+    for pretrained in ("hf-hub:xmodal/tiny", "xmodal/tiny"):
+        model, preprocess, _ = build({**cfg, "pretrained": pretrained})
+        images = torch.stack([preprocess(im) for im in _images(2)])
+        assert preprocess.transforms[-1].mean == [0.5] * 3
+        with torch.no_grad():
+            assert torch.equal(model.encode_image(images), tiny_clip[0].encode_image(images))
+    ident = identity({**cfg, "pretrained": "xmodal/tiny"})["pretrained"]
+    assert ident == {"hub": "xmodal/tiny", "revision": "0" * 40}
 
 
 @pytest.mark.parametrize("name", ["tiny_clip", "tiny_blip2"])
@@ -188,16 +214,17 @@ def test_every_backbone_yaml_matches_the_schema(name: str) -> None:
     yaml = OmegaConf.load(conf_dir() / "backbone" / f"{name}.yaml")
     assert list(yaml.pop("defaults")) == ["_schema", "_self_"]  # Hydra checks it at compose time
     cfg = OmegaConf.merge(OmegaConf.structured(BackboneConfig), yaml)
-    assert cfg.name == name and cfg.kind in ("open_clip", "blip2")
+    assert cfg.name == name and cfg.kind in ("open_clip", "blip2", "blip")
     assert set(yaml.keys()) <= set(cfg.keys())
 
 
 @pytest.mark.parametrize("name", [n for n in list_backbones() if not n.startswith("tiny_")])
 def test_real_backbone_configs_are_consistent(name: str, tmp_path) -> None:
-    """Each real config passes the QuickGELU/arch checks and then stops at the empty cache."""
+    """Each real config passes the QuickGELU/arch checks and then stops at the empty cache (or the
+    missing local file, with the command that downloads it)."""
     cfg = get_config(name)
     cfg.cache_dir = str(tmp_path)
-    with pytest.raises(FileNotFoundError, match="offline"):
+    with pytest.raises(WeightsNotFoundError, match="offline|curl -L"):
         build(cfg)
 
 
@@ -210,7 +237,7 @@ def test_schema_rejects_typos_and_wrong_types() -> None:
 
 
 def test_list_backbones(tmp_path, monkeypatch) -> None:
-    assert list_backbones("*tiny*") == ["tiny_blip2", "tiny_clip", "tiny_clip_shapes"]
+    assert list_backbones("*tiny*") == ["tiny_blip", "tiny_blip2", "tiny_clip", "tiny_clip_shapes"]
     assert "openclip_vit_l_14_openai" in list_backbones("openclip_*")
     (tmp_path / "backbone").mkdir()
     (tmp_path / "backbone" / "mine.yaml").write_text("name: mine\narch: RN50\n")

@@ -3,37 +3,32 @@
 `Blip2QFormer` exposes the three Q-Former passes that HUG needs (image-only, joint query+text with
 cross-attention to the image, text-only) and the ITC projections as `encode_image`/`encode_text`,
 so the CLIP-style retrieval evaluators run on BLIP-2 unchanged.
+
+Architectures are spec files (`model_configs/blip2-itm-vit-g.json`, `xmodal-tiny-blip2.json`);
+weights follow the one rule of `BackboneConfig.pretrained`: random, a hub id
+(Salesforce/blip2-itm-vit-g), a save_pretrained folder, an xmodal checkpoint, or LAVIS'
+`blip2_pretrained.pth` / HUG's released checkpoint (converted by `xmodal.backbones.lavis`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import transforms
 
-from xmodal.backbones.config import (
-    MODEL_CONFIG_DIR,
-    BackboneConfig,
-    check_saved_config,
-    hub_cache,
-    hub_download_command,
-    is_offline,
-    offline_error,
-    read_checkpoint,
-)
+from xmodal.backbones import hf
+from xmodal.backbones import preprocess as pre
+from xmodal.backbones.config import BackboneConfig
+from xmodal.backbones.weights import Weights, construction, load_checked
+from xmodal.errors import ConfigError
 
-TINY_ARCH = "xmodal-tiny-blip2"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP-2 / LAVIS eval normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_KEY = "blip2_config"
 DEFAULT_CONTEXT_LENGTH = 77  # HUG's max_len for the real model
+Blip2Tokenizer = hf.TextTokenizer  # the name earlier code imports
 
 
 class Blip2QFormer(nn.Module):
@@ -72,8 +67,7 @@ class Blip2QFormer(nn.Module):
 
     def image_embeds(self, pixel_values: Tensor) -> Tensor:
         """Frozen ViT patch features after its final layernorm: [B, N, H_vision]."""
-        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
-        out = self.vision_model(pixel_values=pixel_values.to(dtype))
+        out = self.vision_model(pixel_values=pixel_values.to(hf.vit_dtype(self.vision_model)))
         return out.last_hidden_state
 
     def _ones(self, x: Tensor) -> Tensor:
@@ -161,133 +155,57 @@ def _ids_and_mask(tokens: Mapping[str, Tensor] | Tensor, emb: nn.Embedding) -> t
     return tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
 
 
-class Blip2Tokenizer:
-    """`tokenizer(texts) -> {"input_ids": [B, L], "attention_mask": [B, L]}`, L = context_length.
-
-    Pads to a fixed length so per-sample tokenisation collates into batches.
-    """
-
-    def __init__(self, hf_tokenizer: Any, context_length: int) -> None:
-        self.tokenizer = hf_tokenizer
-        self.context_length = context_length
-        self.pad_token_id = hf_tokenizer.pad_token_id
-
-    def __call__(self, texts: str | Sequence[str]) -> dict[str, Tensor]:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        enc = self.tokenizer(
-            texts,
-            padding="max_length",
-            truncation=True,
-            max_length=self.context_length,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def tiny_tokenizer(vocab_file: Path) -> Any:
-    """An offline lowercase BERT WordPiece tokenizer over the shapes-world vocabulary."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-    from transformers import PreTrainedTokenizerFast
-
-    words = vocab_file.read_text(encoding="utf-8").splitlines()
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        bos_token="[DEC]",
-    )
-
-
-def _build_tiny() -> tuple[nn.Module, Any, int]:
-    """Random-init tiny BLIP-2 from `model_configs/xmodal-tiny-blip2.json` (offline, < 2 s)."""
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval
-
-    spec = json.loads((MODEL_CONFIG_DIR / f"{TINY_ARCH}.json").read_text(encoding="utf-8"))
-    hf_tokenizer = tiny_tokenizer(MODEL_CONFIG_DIR / spec["vocab_file"])
-    kwargs = spec["blip2_config"]
-    kwargs["qformer_config"]["vocab_size"] = len(hf_tokenizer)
-    model = Blip2ForImageTextRetrieval(Blip2Config(**kwargs))
-    std = model.config.qformer_config.initializer_range
-    nn.init.normal_(model.query_tokens, std=std)  # BLIP-2's init; HF zero-inits (identical queries)
-    return model, hf_tokenizer, spec["context_length"]
-
-
-def _build_hf(arch: str, cache_dir: str | None) -> tuple[nn.Module, Any]:
-    """`Blip2ForImageTextRetrieval` + tokenizer from the Hugging Face cache (download if online)."""
-    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
-
-    offline = is_offline()
-    try:
-        model = Blip2ForImageTextRetrieval.from_pretrained(
-            arch, cache_dir=cache_dir, local_files_only=offline
-        )
-        hf_tokenizer = AutoTokenizer.from_pretrained(
-            arch, cache_dir=cache_dir, local_files_only=offline
-        )
-    except OSError as err:
-        if not offline:
-            raise
-        how = hub_download_command(arch, cache_dir)
-        raise offline_error(f"BLIP-2 weights {arch}", hub_cache(cache_dir), how) from err
-    return model, hf_tokenizer
-
-
-def build_blip2(cfg: BackboneConfig) -> tuple[nn.Module, transforms.Compose, Blip2Tokenizer]:
-    """Build (Blip2QFormer in eval mode, eval preprocess, tokenizer) for a BLIP-2 backbone."""
+def check_config(cfg: BackboneConfig) -> dict[str, Any]:
+    """The architecture spec, after the checks that need no weights."""
     if cfg.quick_gelu:
-        raise ValueError("backbone.quick_gelu is for open_clip only; set it to false for blip2.")
-    if cfg.precision not in DTYPES:
-        raise ValueError(f"backbone.precision={cfg.precision!r}: blip2 takes {list(DTYPES)}.")
-    if cfg.arch == TINY_ARCH:
-        hf_model, hf_tokenizer, context_length = _build_tiny()
-    else:
-        hf_model, hf_tokenizer = _build_hf(cfg.arch, cfg.cache_dir)
-        context_length = DEFAULT_CONTEXT_LENGTH
-    model = Blip2QFormer(hf_model)
-
-    saved_preprocess: dict[str, Any] = {}
-    if cfg.pretrained:
-        path = Path(cfg.pretrained).expanduser()
-        state_dict, meta = read_checkpoint(path)  # raises FileNotFoundError naming the file
-        if meta is not None:
-            check_saved_config(path, meta, cfg)
-            saved_preprocess = dict(meta.get("preprocess") or {})
-        model.load_state_dict(state_dict, strict=True)
-    model.vision_model.to(DTYPES[cfg.precision])  # the Q-Former stays fp32, as in BLIP-2
-
-    size = model.config.vision_config.image_size
+        raise ConfigError("backbone.quick_gelu is for open_clip only; set it to false for blip2.")
+    if cfg.precision not in hf.DTYPES:
+        raise ConfigError(f"backbone.precision={cfg.precision!r}: blip2 takes {list(hf.DTYPES)}.")
+    spec = hf.load_spec(cfg, CONFIG_KEY)
+    size = spec[CONFIG_KEY].get("vision_config", {}).get("image_size", 224)
     if cfg.image_size not in (None, size):
-        raise ValueError(
+        raise ConfigError(
             f"backbone.image_size={cfg.image_size} but the {cfg.arch} ViT takes {size} px; "
             f"set backbone.image_size={size} (or null)."
         )
-    mean = list(cfg.image_mean or saved_preprocess.get("mean") or CLIP_MEAN)
-    std = list(cfg.image_std or saved_preprocess.get("std") or CLIP_STD)
+    return spec
+
+
+def resolve(cfg: BackboneConfig) -> tuple[dict[str, Any], Weights]:
+    """(architecture spec, weights) of a BLIP-2 backbone, checked; nothing built yet."""
+    spec = check_config(cfg)
+    return spec, hf.resolve(cfg, spec, CONFIG_KEY)
+
+
+def hf_model(config: Mapping[str, Any]) -> nn.Module:
+    """A random-init `Blip2ForImageTextRetrieval` of a config dict, with BLIP-2's query init."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    model = Blip2ForImageTextRetrieval(Blip2Config(**config))
+    std = model.config.qformer_config.initializer_range
+    nn.init.normal_(model.query_tokens, std=std)  # BLIP-2's init; HF zero-inits (identical queries)
+    return model
+
+
+def build(
+    cfg: BackboneConfig, spec: dict[str, Any], weights: Weights
+) -> tuple[nn.Module, Callable, Callable]:
+    """Build (Blip2QFormer in eval mode, eval preprocess, tokenizer) from resolved weights."""
+    config = dict(weights.model_config or spec[CONFIG_KEY])
+    config.pop("architectures", None)
+    with construction(weights):
+        model = Blip2QFormer(hf_model(config))
+    if not weights.random:
+        load_checked(model, weights, f"blip2 arch {cfg.arch}")
+    hf.cast_vit(model.vision_model, cfg.precision)  # the Q-Former stays fp32, as in BLIP-2
+    tok = hf.tokenizer(cfg, spec, weights, model.embeddings.word_embeddings.num_embeddings)
+    hf.check_vocab(cfg, tok, model.embeddings.word_embeddings)
+
+    size = model.config.vision_config.image_size
+    saved = weights.preprocess
+    mean = list(cfg.image_mean or saved.get("mean") or pre.CLIP_MEAN)
+    std = list(cfg.image_std or saved.get("std") or pre.CLIP_STD)
     model.preprocess_cfg = {"size": size, "mean": mean, "std": std, "interpolation": "bicubic"}
-    preprocess = transforms.Compose(
-        [
-            transforms.Lambda(_to_rgb),
-            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=mean, std=std),
-        ]
-    )
-    tokenizer = Blip2Tokenizer(hf_tokenizer, cfg.context_length or context_length)
-    return model.eval(), preprocess, tokenizer
-
-
-def _to_rgb(image: Any) -> Any:
-    return image.convert("RGB")
+    preprocess = pre.blip_eval_transform(size, mean, std, cfg)
+    length = cfg.context_length or spec.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    return model.eval(), preprocess, hf.TextTokenizer(tok, length)

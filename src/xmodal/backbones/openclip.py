@@ -1,14 +1,17 @@
 """open_clip backbones: architecture + weights + QuickGELU + preprocessing, pinned together.
 
-Weights come from an open_clip pretrained tag, a local checkpoint file, or an `hf-hub:` id. Two
-silent failure modes of plain open_clip become errors here: a QuickGELU mismatch between the
-config and the weights (open_clip only warns), and a download attempt when offline.
+`resolve` settles the weights once (where they are, the preprocessing and activation they were
+trained with, the checks), then `build` creates the architecture and loads them. Two silent
+failure modes of plain open_clip become errors here: a QuickGELU mismatch between the config and
+the weights (open_clip only warns), and a download attempt when offline.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,20 +24,32 @@ from open_clip.pretrained import (
 )
 from torch import nn
 
+from xmodal.backbones import preprocess as pre
 from xmodal.backbones.config import (
     MODEL_CONFIG_DIR,
     BackboneConfig,
+    WeightsMismatchError,
     check_activation,
     check_saved_config,
     hub_cache,
     hub_download_command,
     is_offline,
     offline_error,
-    read_checkpoint,
 )
+from xmodal.backbones.weights import (
+    Weights,
+    construction,
+    file_sha256,
+    load_checked,
+    locate,
+    read_file,
+    read_folder,
+)
+from xmodal.errors import ConfigError
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")  # what a tag pins
+HUB_PATTERNS = ("open_clip_config.json", "open_clip_model.safetensors")
+HUB_FALLBACK = ("open_clip_config.json", "open_clip_pytorch_model.bin")
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 # Tags trained with QuickGELU, for open_clip versions whose registry does not record it.
@@ -74,11 +89,47 @@ def trained_with_quick_gelu(arch: str, tag: str) -> bool | None:
 
 
 def check_quick_gelu(arch: str, tag: str, quick_gelu: bool, allow_mismatch: bool = False) -> None:
-    """Raise ValueError if `quick_gelu` disagrees with how open_clip weights `arch`/`tag` were
-    trained (unknown tags pass); `allow_mismatch` turns the error into a warning."""
+    """Raise WeightsMismatchError (a ValueError) if `quick_gelu` disagrees with how open_clip
+    weights `arch`/`tag` were trained (unknown tags pass); `allow_mismatch` only warns."""
     trained = trained_with_quick_gelu(arch, tag)
     if trained is not None:
         check_activation(f"'{tag}' of {arch}", trained, quick_gelu, allow_mismatch)
+
+
+# -- the architecture --------------------------------------------------------------------------
+
+
+def check_config(cfg: BackboneConfig) -> dict[str, Any]:
+    """The architecture's open_clip model config, after the checks that need no weights."""
+    register_model_configs()
+    arch = cfg.arch
+    if arch.startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError(
+            f"backbone.arch={arch}: the architecture is a model name and the weights go in "
+            "backbone.pretrained. Fix: set backbone.arch to the repo's architecture (e.g. "
+            f"ViT-B-32) and backbone.pretrained={arch.replace('local-dir:', '')}."
+        )
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ConfigError(
+            f"Unknown open_clip architecture backbone.arch={arch!r}. "
+            f"Known: {', '.join(open_clip.list_models())}."
+        )
+    if model_cfg.get("quick_gelu") and not cfg.quick_gelu:
+        raise WeightsMismatchError(
+            f"backbone.arch={arch} is a QuickGELU architecture but backbone.quick_gelu=false. "
+            f"Fix: set backbone.quick_gelu=true (or use arch {_base_arch(arch)})."
+        )
+    own_length = model_cfg["text_cfg"].get("context_length", 77)
+    if cfg.context_length not in (None, own_length):
+        raise ConfigError(
+            f"backbone.context_length={cfg.context_length} but {arch} was built for "
+            f"{own_length} tokens; open_clip text towers cannot change it. Set it to null."
+        )
+    return model_cfg
+
+
+# -- the weights -------------------------------------------------------------------------------
 
 
 def _cached_tag_file(pcfg: dict[str, Any], cache_dir: str | None) -> str | None:
@@ -102,7 +153,7 @@ def _cached_tag_file(pcfg: dict[str, Any], cache_dir: str | None) -> str | None:
     return None
 
 
-def _tag_checkpoint(arch: str, tag: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
+def _tag_file(arch: str, tag: str, pcfg: dict[str, Any], cache_dir: str | None) -> str:
     """Resolve a pretrained tag to a local file, downloading only when online."""
     cached = _cached_tag_file(pcfg, cache_dir)
     if cached:
@@ -119,98 +170,156 @@ def _tag_checkpoint(arch: str, tag: str, pcfg: dict[str, Any], cache_dir: str | 
     return download_pretrained(pcfg, cache_dir=cache_dir)
 
 
-def _hf_hub_config(repo: str, cache_dir: str | None) -> dict[str, Any]:
-    """Read `open_clip_config.json` of an `hf-hub:` model, from the cache when offline."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    path = try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=cache_dir)
-    weights = [try_to_load_from_cache(repo, n, cache_dir=cache_dir) for n in HF_WEIGHT_FILES]
-    if is_offline() and not (isinstance(path, str) and any(isinstance(w, str) for w in weights)):
-        how = hub_download_command(repo, cache_dir)
-        raise offline_error(f"open_clip model hf-hub:{repo}", hub_cache(cache_dir), how)
-    if not isinstance(path, str):
-        path = hf_hub_download(repo, "open_clip_config.json", cache_dir=cache_dir)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _architecture_fields(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an open_clip model config that decide the weights' shapes."""
+    return {k: v for k, v in model_cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg")}
 
 
-def _is_path_like(value: str) -> bool:
-    return os.sep in value or "/" in value or value.endswith(CHECKPOINT_SUFFIXES)
+def _file_quick_gelu(path: Path, arch: str) -> tuple[bool | None, str]:
+    """How a plain state-dict file was trained, from what lies around it: (QuickGELU?, why).
+
+    Looks for an open_clip_config.json beside it (hub snapshots, open_clip folders), a Hugging
+    Face cache path of a registered tag, and OpenAI's original files (their URLs carry the
+    file's sha256). None when nothing tells.
+    """
+    sibling = path.parent / "open_clip_config.json"
+    if sibling.is_file():
+        model_cfg = json.loads(sibling.read_text(encoding="utf-8")).get("model_cfg", {})
+        return bool(model_cfg.get("quick_gelu", False)), f"{sibling.name} beside it"
+    match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.as_posix())
+    tags = list_pretrained_tags_by_model(_base_arch(arch))
+    if match:
+        repo = f"{match.group(1)}/{match.group(2)}"
+        for tag in tags:
+            if get_pretrained_cfg(_base_arch(arch), tag).get("hf_hub", "").startswith(repo + "/"):
+                return trained_with_quick_gelu(arch, tag), f"the cache of tag '{tag}'"
+    for tag in tags:
+        url = get_pretrained_cfg(_base_arch(arch), tag).get("url", "")
+        parts = url.rstrip("/").split("/")
+        if url and parts[-1] == path.name and len(parts) > 1 and len(parts[-2]) == 64:
+            if file_sha256(path) == parts[-2]:
+                return trained_with_quick_gelu(arch, tag), f"its sha256 (OpenAI tag '{tag}')"
+    return None, ""
 
 
-def _hf_hub_weights(cfg: BackboneConfig) -> None:
-    """Check an `hf-hub:` model: no separate `pretrained`, cached when offline, same activation."""
-    if cfg.pretrained:
-        raise ValueError(
-            f"backbone.arch={cfg.arch} carries its own weights, so backbone.pretrained must be "
-            f"null (found {cfg.pretrained!r})."
+def resolve(cfg: BackboneConfig) -> Weights:
+    """Settle the weights of an open_clip backbone: located, read, checked against the config."""
+    model_cfg = check_config(cfg)
+    tag = cfg.pretrained
+    pcfg = get_pretrained_cfg(cfg.arch, tag) if tag else {}
+    weights = locate(cfg, is_tag=bool(pcfg), hub_patterns=HUB_PATTERNS)
+    if weights.random:
+        return weights
+    if weights.source == "tag":
+        assert tag is not None
+        check_quick_gelu(cfg.arch, tag, cfg.quick_gelu, cfg.allow_quick_gelu_mismatch)
+        weights.path = Path(_tag_file(cfg.arch, tag, pcfg, cfg.cache_dir))
+        weights.state_dict, _, weights.fmt = read_file(weights.path)
+        weights.preprocess = {k: pcfg[k] for k in PREPROCESS_KEYS if k in pcfg}
+        return weights
+    assert weights.path is not None
+    if weights.source == "hub" and not any((weights.path / n).is_file() for n in HF_WEIGHT_FILES):
+        if not is_offline():  # a repo with .bin weights only
+            weights.path = locate(cfg, hub_patterns=HUB_FALLBACK).path
+    if weights.path.is_dir():
+        weights.state_dict, config, name = read_folder(weights.path)
+        if name != "open_clip_config.json" or "model_cfg" not in config:
+            raise ConfigError(
+                f"{weights.label} holds a {name}, not an open_clip model (open_clip_config.json "
+                "with model_cfg). Fix: point backbone.pretrained at open_clip weights, or use a "
+                "backbone kind that reads this folder."
+            )
+        stored = config["model_cfg"]
+        if _architecture_fields(stored) != _architecture_fields(model_cfg):
+            raise WeightsMismatchError(
+                f"{weights.label} holds another architecture than backbone.arch={cfg.arch} "
+                f"(its open_clip_config.json: embed_dim={stored.get('embed_dim')}, "
+                f"vision_cfg={stored.get('vision_cfg')}). Fix: set backbone.arch to the "
+                "architecture of these weights."
+            )
+        weights.fmt = "open_clip folder"
+        weights.model_config = config
+        weights.preprocess = {
+            k: v for k, v in config.get("preprocess_cfg", {}).items() if k in PREPROCESS_KEYS
+        }
+        weights.trained_quick_gelu = bool(stored.get("quick_gelu", False))
+        check_activation(
+            weights.label,
+            weights.trained_quick_gelu,
+            cfg.quick_gelu,
+            cfg.allow_quick_gelu_mismatch,
         )
-    hub_cfg = _hf_hub_config(cfg.arch.removeprefix("hf-hub:"), cfg.cache_dir)
-    trained = bool(hub_cfg.get("model_cfg", hub_cfg).get("quick_gelu", False))
-    check_activation(cfg.arch, trained, cfg.quick_gelu, cfg.allow_quick_gelu_mismatch)
-
-
-def _resolve_weights(cfg: BackboneConfig) -> tuple[str | None, dict[str, Any]]:
-    """Check the config against the weights; return (local checkpoint or None, preprocessing)."""
-    arch, tag = cfg.arch, cfg.pretrained
-    model_cfg = open_clip.get_model_config(arch)
-    if model_cfg is None:
-        raise ValueError(
-            f"Unknown open_clip architecture backbone.arch={arch!r}. "
-            f"Known: {', '.join(open_clip.list_models())}."
-        )
-    if model_cfg.get("quick_gelu") and not cfg.quick_gelu:
-        raise ValueError(
-            f"backbone.arch={arch} is a QuickGELU architecture but backbone.quick_gelu=false. "
-            f"Fix: set backbone.quick_gelu=true (or use arch {_base_arch(arch)})."
-        )
-    own_length = model_cfg["text_cfg"].get("context_length", 77)
-    if cfg.context_length not in (None, own_length):
-        raise ValueError(
-            f"backbone.context_length={cfg.context_length} but {arch} was built for "
-            f"{own_length} tokens; open_clip text towers cannot change it. Set it to null."
-        )
-    if not tag:
-        return None, {}
-    pcfg = get_pretrained_cfg(arch, tag)
-    if pcfg:  # a pretrained tag: its weights, its preprocessing
-        check_quick_gelu(arch, tag, cfg.quick_gelu, cfg.allow_quick_gelu_mismatch)
-        checkpoint = _tag_checkpoint(arch, tag, pcfg, cfg.cache_dir)
-        return checkpoint, {k: pcfg[k] for k in PREPROCESS_KEYS if k in pcfg}
-    path = Path(tag).expanduser()
-    if not (path.is_file() or _is_path_like(tag)):
-        known = list_pretrained_tags_by_model(arch)
-        raise ValueError(
-            f"backbone.pretrained={tag!r} is neither a pretrained tag of {arch} nor an "
-            f"existing file. Tags of {arch}: {', '.join(known) or 'none'}."
-        )
-    _, meta = read_checkpoint(path)  # raises FileNotFoundError naming the file
-    if meta is None:  # a foreign state dict: nothing to check, open_clip's default preprocessing
-        return str(path), {}
-    check_saved_config(path, meta, cfg)
-    return str(path), dict(meta.get("preprocess") or {})
-
-
-def build_open_clip(cfg: BackboneConfig) -> tuple[nn.Module, Callable, Callable]:
-    """Build (model in eval mode, eval image transform, tokenizer) for an open_clip backbone."""
-    register_model_configs()
-    if cfg.arch.startswith("hf-hub:"):
-        _hf_hub_weights(cfg)
-        checkpoint, preprocess = None, {}  # open_clip reads both from the hub repo
+        return weights
+    weights.state_dict, weights.meta, weights.fmt = read_file(weights.path)
+    if weights.meta is not None:
+        check_saved_config(weights.path, weights.meta, cfg)
+        weights.preprocess = dict(weights.meta.get("preprocess") or {})
+        weights.trained_quick_gelu = bool(weights.meta.get("quick_gelu"))
+        return weights
+    trained, why = _file_quick_gelu(weights.path, cfg.arch)
+    weights.trained_quick_gelu = trained
+    if trained is not None:
+        label = f"{weights.label} (identified by {why})"
+        check_activation(label, trained, cfg.quick_gelu, cfg.allow_quick_gelu_mismatch)
     else:
-        checkpoint, preprocess = _resolve_weights(cfg)
-    model, _, preprocess_val = open_clip.create_model_and_transforms(
-        cfg.arch,
-        pretrained=checkpoint,
-        precision=cfg.precision,
-        force_image_size=cfg.image_size,
-        image_mean=tuple(cfg.image_mean) if cfg.image_mean else preprocess.get("mean"),
-        image_std=tuple(cfg.image_std) if cfg.image_std else preprocess.get("std"),
-        image_interpolation=preprocess.get("interpolation"),
-        image_resize_mode=preprocess.get("resize_mode"),
-        pretrained_text=False,  # never fetch a text tower's base weights behind the user's back
-        cache_dir=cfg.cache_dir,
-        quick_gelu=cfg.quick_gelu,
+        warnings.warn(
+            f"The weights {weights.label} are a plain state dict: nothing records whether they "
+            f"were trained with QuickGELU, so they are built with backbone.quick_gelu="
+            f"{str(cfg.quick_gelu).lower()} as configured, and with open_clip's default "
+            f"preprocessing unless backbone.image_mean/std are set. A mismatch would silently "
+            "degrade every embedding; xmodal.backbones.save_checkpoint records both.",
+            stacklevel=2,
+        )
+    return weights
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def _adapt(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's own adjustments of foreign state dicts (old text-tower names, 1-d logit
+    scale, position embeddings of another size), as its checkpoint loader does them."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import (
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
     )
+
+    state = convert_state_dict(model, dict(state))
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            if own.numel() != state[key].numel():
+                continue  # a real mismatch: load_checked reports it
+            state[key] = state[key].reshape(own.shape)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    return state
+
+
+def build(cfg: BackboneConfig, weights: Weights) -> tuple[nn.Module, Callable, Callable]:
+    """Build (model in eval mode, eval image transform, tokenizer) from resolved weights."""
+    preprocess = weights.preprocess
+    with construction(weights):
+        model, _, preprocess_val = open_clip.create_model_and_transforms(
+            cfg.arch,
+            pretrained=None,
+            precision=cfg.precision,
+            force_image_size=cfg.image_size,
+            image_mean=tuple(cfg.image_mean) if cfg.image_mean else preprocess.get("mean"),
+            image_std=tuple(cfg.image_std) if cfg.image_std else preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"),
+            image_resize_mode=preprocess.get("resize_mode"),
+            pretrained_text=False,  # never fetch a text tower's base weights behind the user's back
+            cache_dir=cfg.cache_dir,
+            quick_gelu=cfg.quick_gelu,
+        )
+    if not weights.random:
+        assert weights.state_dict is not None
+        weights.state_dict = _adapt(model, weights.state_dict)
+        load_checked(model, weights, f"open_clip arch {cfg.arch}")
     tokenizer = open_clip.get_tokenizer(cfg.arch, cache_dir=cfg.cache_dir)
-    return model.eval(), preprocess_val, tokenizer
+    return model.eval(), pre.with_pad(preprocess_val, cfg), tokenizer
