@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from xmodal.config import compose
 from xmodal.errors import ConfigError, CorruptImageError, DatasetLayoutError
@@ -24,9 +23,16 @@ SMALL = ["data.shapes_world=small", "trainer=cpu", "trainer.enable_progress_bar=
 UNTRAINED = ["experiment=shapes/retrieval_untrained", *SMALL, "data.batch_size=32"]
 
 
+@pytest.fixture(autouse=True)
+def own_outputs(xmodal_env, monkeypatch, tmp_path):
+    """Each test has its own output folder (run directories, cache), in and out of process."""
+    monkeypatch.setenv("XMODAL_OUTPUT", str(tmp_path / "outputs"))
+
+
 def _cli(entry: str, overrides: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"xmodal.cli.{entry}", *overrides]
-    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO / "src")}
+    full_env = {**os.environ, **env, "XMODAL_OUTPUT": os.environ["XMODAL_OUTPUT"]}
+    full_env["PYTHONPATH"] = str(REPO / "src")
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -102,8 +108,8 @@ def test_retrained_upstream_checkpoint_redoes_its_consumers(xmodal_env, shapes_w
     cfg = compose("eval", overrides)
 
     def export(seed: int) -> None:
-        torch.manual_seed(seed)
-        model, _, _ = backbones.build(compose("eval", [*SMALL, "backbone=tiny_clip"]).backbone)
+        random = compose("eval", [*SMALL, "backbone=tiny_clip", f"seed={seed}"]).backbone
+        model, _, _ = backbones.build(random)
         backbones.save_checkpoint(model, cfg.backbone.pretrained, cfg.backbone)
 
     export(1)

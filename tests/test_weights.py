@@ -8,6 +8,7 @@ one-paragraph errors (file named, fix given) and CLIP4Cir's padding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import warnings
@@ -319,14 +320,16 @@ def test_lavis_checkpoint_of_another_model_is_refused_by_name(tiny_blip2, tmp_pa
 
 
 def test_blip2_random_init_is_seeded() -> None:
-    torch.manual_seed(5)
-    a = build("tiny_blip2")[0].state_dict()
-    torch.manual_seed(5)
-    b = build("tiny_blip2")[0].state_dict()
-    torch.manual_seed(6)
-    c = build("tiny_blip2")[0].state_dict()
+    """Random weights come from ``init_seed`` alone, whatever the global RNG's state."""
+    cfg = get_config("tiny_blip2")
+    torch.manual_seed(1)
+    a = build(dataclasses.replace(cfg, init_seed=5))[0].state_dict()
+    torch.manual_seed(2)
+    b = build(dataclasses.replace(cfg, init_seed=5))[0].state_dict()
+    c = build(dataclasses.replace(cfg, init_seed=6))[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["query_tokens"], c["query_tokens"])
+    assert identity(dataclasses.replace(cfg, init_seed=5)) != identity(cfg)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -439,7 +442,7 @@ def test_image_pad_is_in_the_transform_and_the_identity(name: str) -> None:
 
 
 def test_identity_of_random_folder_and_file_weights(tiny_blip2, tmp_path) -> None:
-    assert identity("tiny_blip2")["pretrained"] == {"random_init": True}
+    assert identity("tiny_blip2")["pretrained"] == {"random_init": True, "seed": 0}
     folder = tmp_path / "folder"
     _hf_blip2(tiny_blip2[0]).save_pretrained(folder)
     first = identity(_cfg("tiny_blip2", folder))["pretrained"]

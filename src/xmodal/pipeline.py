@@ -120,16 +120,6 @@ def _prepare(
     return run, None
 
 
-def _build_backbone(cfg: DictConfig) -> tuple[Any, Any, Any]:
-    """The run's backbone; random-init weights are drawn from ``cfg.seed`` alone (the embedding
-    cache keys them on it), whatever consumed the random state before."""
-    import torch
-
-    from xmodal import backbones
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(cfg.seed))
-        return backbones.build(cfg.backbone)
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -142,12 +132,13 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any]:
+    from xmodal import backbones
     from xmodal.evaluators.base import EvalContext
     from xmodal.retrieval.cache import EmbeddingCache
 
     trainer = None
     try:
-        model, preprocess, tokenizer = _build_backbone(cfg)
+        model, preprocess, tokenizer = backbones.build(cfg.backbone)
         trainer = build_trainer(cfg, training=False)
         run.note(world_size=trainer.world_size)
         evaluator = instantiate(cfg.evaluator)

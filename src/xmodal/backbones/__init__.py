@@ -104,18 +104,24 @@ def build(cfg: ConfigLike) -> tuple[nn.Module, Callable, Callable]:
     """Build (model in eval mode, eval image transform, tokenizer) from a backbone config.
 
     `cfg` may be a BackboneConfig, a DictConfig/dict with its fields, or a config name. With
-    `pretrained: null` the weights are random, drawn from torch's RNG (seed it for a
-    reproducible model: runs do, with their `seed`).
+    `pretrained: null` the weights are random, drawn from `cfg.init_seed` alone (0 when unset),
+    whatever state torch's global RNG is in: the embedding cache keys them on that seed.
     """
     cfg, spec, weights = resolve(cfg)
     log.info("backbone %s: %s arch %s, weights: %s", cfg.name, cfg.kind, cfg.arch, weights.label)
-    if cfg.kind == "open_clip":
-        from xmodal.backbones import openclip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_init_seed(cfg))
+        if cfg.kind == "open_clip":
+            from xmodal.backbones import openclip
 
-        return openclip.build(cfg, weights)
-    from xmodal.backbones import blip, blip2
+            return openclip.build(cfg, weights)
+        from xmodal.backbones import blip, blip2
 
-    return (blip2 if cfg.kind == "blip2" else blip).build(cfg, spec, weights)
+        return (blip2 if cfg.kind == "blip2" else blip).build(cfg, spec, weights)
+
+
+def _init_seed(cfg: BackboneConfig) -> int:
+    return int(cfg.init_seed or 0)
 
 
 def check_quick_gelu(arch: str, tag: str, quick_gelu: bool, allow_mismatch: bool = False) -> None:
@@ -167,18 +173,18 @@ def file_identity(path: str | Path) -> dict[str, Any]:
 
 
 def identity(cfg: ConfigLike) -> dict[str, Any]:
-    """What decides the embeddings of a backbone, except the seed; the embedding cache keys on it.
+    """What decides the embeddings of a backbone; the embedding cache keys on it.
 
     The weights are named by content whenever they are local: a file or folder by the sha256 of
     its bytes (a moved copy keeps its key, any changed byte changes it), a hub id by the commit of
     its cached snapshot. A pretrained tag is named by the tag. Random weights
-    (`pretrained: null`) give `"pretrained": {"random_init": True}`: they depend on the seed,
-    which the caller must add to the key. Never touches the network.
+    (`pretrained: null`) by the seed they are drawn from: `{"random_init": True, "seed": s}`.
+    Never touches the network.
     """
     cfg = _to_config(cfg)
     pretrained: Any = cfg.pretrained
     if not pretrained:
-        pretrained = {"random_init": True}
+        pretrained = {"random_init": True, "seed": _init_seed(cfg)}
     elif Path(pretrained).expanduser().exists():
         pretrained = content_identity(pretrained)
     elif cfg.kind != "open_clip" or not _is_tag(cfg):

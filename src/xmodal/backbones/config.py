@@ -51,7 +51,7 @@ class BackboneConfig:
             blip2/blip: a file of `model_configs/` ("blip2-itm-vit-g", "blip-vit-b-16",
             "xmodal-tiny-blip2") or a folder holding a transformers `config.json`.
         pretrained: the weights, one of
-            - null: the architecture with random weights (from torch's RNG, i.e. the run seed);
+            - null: the architecture with random weights, drawn from `init_seed`;
             - an open_clip pretrained tag ("openai", "laion2b_s32b_b82k");
             - a Hugging Face hub id ("Salesforce/blip2-itm-vit-g", "hf-hub:laion/CLIP-...");
             - a local file: xmodal/open_clip/state-dict `.pt`/`.pth`/`.bin`/`.safetensors`, a
@@ -73,6 +73,9 @@ class BackboneConfig:
         precision: "fp32", "fp16", "bf16" (open_clip also accepts "amp", "pure_fp16", ...). BLIP-2
             casts its frozen ViT only, keeping its LayerNorms in fp32 as LAVIS does.
         cache_dir: where weights are cached/downloaded; null = the library default.
+        init_seed: the seed of random weights (`pretrained: null`); runs set it to their `seed`
+            (train.yaml / eval.yaml), a backbone built on its own uses 0. It is part of the
+            backbone's identity only for random weights.
     """
 
     kind: str = "open_clip"
@@ -89,6 +92,7 @@ class BackboneConfig:
     context_length: int | None = None
     precision: str = "fp32"
     cache_dir: str | None = None
+    init_seed: int | None = None
 
 
 def as_config(cfg: BackboneConfig | DictConfig | Mapping[str, Any]) -> BackboneConfig:

@@ -43,8 +43,8 @@ class EvalContext:
         """Cache key of the embeddings of ``items`` (image refs or texts) under this backbone.
 
         Images are keyed by their files' fingerprints too (a replaced image is re-encoded) and by
-        ``data.on_corrupt`` (which decides whether an unreadable one is dropped or fails); a
-        random-init backbone by the seed its weights were drawn from.
+        ``data.on_corrupt`` (which decides whether an unreadable one is dropped or fails); the
+        backbone by :func:`xmodal.backbones.identity` (weights by content, random ones by seed).
         """
         from xmodal.backbones import identity
 
@@ -62,8 +62,6 @@ class EvalContext:
         if kind == "image":
             key["content"] = content_digest(items)
             key["on_corrupt"] = str(data.on_corrupt)
-        if not self.cfg.backbone.get("pretrained"):
-            key["init_seed"] = int(self.cfg.seed)  # cf. xmodal.pipeline._build_backbone
         return key
 
     def loader_kwargs(self) -> dict[str, Any]:
