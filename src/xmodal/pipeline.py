@@ -120,8 +120,6 @@ def _prepare(
     return run, None
 
 
-
-
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run a training-free evaluator (``cfg.evaluator``) and return its metrics."""
     with inputs.recording() as used:
