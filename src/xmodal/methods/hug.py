@@ -16,9 +16,12 @@ Gaussians, one per learnable query token of a BLIP-2 Q-Former (methods/hug.md):
 ``variant=official`` reproduces the released code (tanghme0w/AAAI26-HUG @a80270c; hug.md §8):
 frozen Q-Former, fixed a=1, b=0, one-directional saturating -log(S(x)+1e-8) holistic term,
 InfoNCE on the variance directions at tau=0.07, hinge coordination loss with margin 0.2 and a
-random permutation of the texts, CLS-broadcast text variance, AdamW eps 1e-8. Table 3's ablation
-rows are flags (``prob``, ``granularity``, ``fc_neg``, ``use_sigma_m``, ``lambda_cord``,
-``fusion``); see ``conf/experiment/hug/ablation``.
+random permutation of the texts, CLS-broadcast text variance, eps 1e-6 in the fusion softmax,
+AdamW eps 1e-8. Table 3's ablation rows are flags (``prob``, ``granularity``, ``fc_neg``,
+``use_sigma_m``, ``lambda_cord``, ``fusion``); see ``conf/experiment/hug/ablation``.
+
+Every loss and distance is :func:`xmodal.probabilistic.exact`: float32 with autocast off, so the
+``16-mixed`` GPU trainer changes the networks' precision, never the losses'.
 """
 
 from __future__ import annotations

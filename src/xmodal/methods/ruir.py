@@ -412,7 +412,7 @@ class RUIR(pl.LightningModule):
         self.run_dir = Path(run_dir) if run_dir else None
         self.backbone = backbone
         self.train_image, self.train_text = self._select_trainable(backbone, cfg.train_backbone)
-        d = self.embed_dim = embed_dim
+        d = embed_dim
         ua = dict(
             n=cfg.n_ua,
             mode=cfg.ua_mode,
