@@ -136,16 +136,50 @@ def test_official_losses_equal_the_released_semantics_on_random_fixtures(seed, b
 
 def test_official_dynamic_weighting_on_the_spec_fixture():
     f = spec_fixture()
-    sigma_q = fuse_uncertainty(f["s_r"], f["s_t"], f["s_mm"], mode="dynamic")
+    sigma_q = fuse_uncertainty(f["s_r"], f["s_t"], f["s_mm"], mode="dynamic", variant="official")
     torch.testing.assert_close(
         sigma_q[0, 0, :4], torch.tensor([0.357109, 0.394230, 0.432168, 0.470533]), atol=1e-5, rtol=0
     )
     assert float(sigma_q.sum()) == pytest.approx(46.429226, abs=1e-4)
-    w_r, w_t, w_m = fusion_weights(f["s_r"], f["s_t"], f["s_mm"])
+    w_r, w_t, w_m = fusion_weights(f["s_r"], f["s_t"], f["s_mm"], eps=1e-6)
     torch.testing.assert_close(
         w_r[0, 0, :4], torch.tensor([0.295881, 0.292039, 0.288362, 0.284819]), atol=1e-5, rtol=0
     )
     torch.testing.assert_close(w_r + w_t + w_m, torch.ones_like(w_r), atol=1e-5, rtol=0)
+
+
+def _released_fusion(sigma: float) -> float:
+    """The released DynamicWeighting on three equal sigma, in float64: w = e^-s^2 / (3 e^-s^2 +
+    1e-6), sigma_q = sqrt(3 w s^2 + 1e-6)."""
+    e = math.exp(-(sigma**2))
+    return math.sqrt(3 * e / (3 * e + 1e-6) * sigma**2 + 1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 1.0, 5.0, 10.0, 100.0])
+def test_paper_fusion_of_equal_sigmas_returns_sigma(sigma):
+    """Eqs 10-11 with an exact softmax: equal sources get weights 1/3 and fuse to themselves at
+    any scale; the released code's eps (variant=official) collapses them once sigma^2 >~ 14."""
+    x = torch.full((2, 3, 4), sigma, requires_grad=True)
+    fused = fuse_uncertainty(x, x, x)
+    torch.testing.assert_close(fused, torch.full_like(fused, sigma), rtol=1e-6, atol=0)
+    for w in fusion_weights(x, x, x):
+        torch.testing.assert_close(w, torch.full_like(w, 1 / 3), rtol=1e-6, atol=0)
+    fused.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    official = fuse_uncertainty(x.detach(), x.detach(), x.detach(), variant="official")
+    assert float(official[0, 0, 0]) == pytest.approx(_released_fusion(sigma), rel=1e-5)
+    if sigma >= 5:  # the collapse the paper default avoids: 5 -> 0.032, 10 and 100 -> 0.001
+        assert float(official[0, 0, 0]) < 0.04
+
+
+def test_paper_fusion_weights_are_the_softmax_at_any_scale():
+    g = torch.Generator().manual_seed(7)
+    s = [torch.rand(2, 3, 4, generator=g, dtype=torch.float64) * 30 for _ in range(3)]
+    expected = torch.softmax(torch.stack([-(x**2) for x in s]), dim=0)  # log-sum-exp inside
+    torch.testing.assert_close(torch.stack(fusion_weights(*s)), expected)
+    var = (expected * torch.stack(s) ** 2).sum(0)
+    torch.testing.assert_close(fuse_uncertainty(*s), var.sqrt())
+    assert torch.isfinite(var).all() and bool((var > 0).all())
 
 
 # ------------------------------------------------------------ paper losses vs hand-summed equations
@@ -259,17 +293,19 @@ def test_paper_losses_stay_finite_at_distance_1e4_and_variance_near_0():
 def test_fusion_modes_and_errors():
     g = torch.Generator().manual_seed(3)
     s = [0.1 + torch.rand(2, 3, 4, generator=g) for _ in range(3)]
-    static = fuse_uncertainty(*s, mode="static", eps=0.0)
+    static = fuse_uncertainty(*s, mode="static")
     torch.testing.assert_close(static, torch.sqrt((s[0] ** 2 + s[1] ** 2 + s[2] ** 2) / 3))
-    two = fuse_uncertainty(s[0], s[1], None, mode="static", eps=0.0)
+    two = fuse_uncertainty(s[0], s[1], None, mode="static")
     torch.testing.assert_close(two, torch.sqrt((s[0] ** 2 + s[1] ** 2) / 2))
-    dynamic = fuse_uncertainty(*s, eps=0.0)
+    dynamic = fuse_uncertainty(*s)
     w = torch.softmax(torch.stack([-(x**2) for x in s]), dim=0)
     torch.testing.assert_close(dynamic, torch.sqrt((w * torch.stack(s) ** 2).sum(0)))
     with pytest.raises(ValueError, match="sigma_m"):
         fuse_uncertainty(s[0], s[1], None, mode="dynamic")
     with pytest.raises(ValueError, match="fusion mode"):
         fuse_uncertainty(*s, mode="mean")
+    with pytest.raises(ValueError, match="variant"):
+        fuse_uncertainty(*s, variant="code")
 
 
 def test_bad_input_gives_clear_errors():

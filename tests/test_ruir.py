@@ -17,10 +17,11 @@ from xmodal.methods.ruir import (
     csu_positives,
     dr_loss,
     isu_loss,
+    kl_loss,
     multistep_with_warmup,
     uncertainty_calibration,
 )
-from xmodal.probabilistic import reparameterize
+from xmodal.probabilistic import kl_to_prior, reparameterize
 
 
 def _ua(n=2, mode="stacked", d_in=6, d=4, dropout=0.5, logvar_init=-5.0):
@@ -133,7 +134,177 @@ def test_losses_and_gradients_finite_for_extreme_variances(logvar_init):
     assert torch.isfinite(x_s.grad).all()
 
 
+# ----------------------------------------------------------------------------- KL option
+
+
+def test_kl_to_prior_is_the_gaussian_kl():
+    g = torch.Generator().manual_seed(8)
+    mu = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    sigma = 0.1 + torch.rand(5, 7, generator=g, dtype=torch.float64)
+    for s in (1.0, 0.3):
+        expected = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, s)
+        ).sum(-1)
+        torch.testing.assert_close(kl_to_prior(mu, sigma, s), expected)
+    # minimum 0 at the prior itself; sigma below s is pushed up, |mu| is pulled in
+    assert float(kl_to_prior(torch.zeros(2, 3), torch.full((2, 3), 0.3), 0.3).abs().max()) < 1e-6
+    x = torch.tensor([[0.5, 0.1]], requires_grad=True)
+    kl_to_prior(x[:, :1], x[:, 1:], 0.3).sum().backward()
+    assert x.grad[0, 0] > 0 and x.grad[0, 1] < 0
+    assert torch.isfinite(kl_to_prior(torch.zeros(1, 2), torch.zeros(1, 2))).all()
+    with pytest.raises(ValueError, match="prior"):
+        kl_to_prior(mu, sigma, 0.0)
+
+
+def test_kl_loss_is_the_mean_kl_of_both_gaussians_per_dimension():
+    g = torch.Generator().manual_seed(9)
+    d = 16
+    mu_s, mu_t = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
+    s_s, s_t = torch.rand(4, d, generator=g), torch.rand(4, d, generator=g)
+
+    def by_hand(s: float) -> float:
+        total = 0.0
+        for mu, sig in ((mu_s, s_s), (mu_t, s_t)):
+            for i in range(4):
+                for j in range(d):
+                    r = float(sig[i, j]) ** 2 / s**2
+                    total += 0.5 * (r + float(mu[i, j]) ** 2 / s**2 - 1 - math.log(r))
+        return total / 4 / d
+
+    assert kl_loss(mu_s, s_s, mu_t, s_t).item() == pytest.approx(by_hand(d**-0.5), rel=1e-5)
+    assert kl_loss(mu_s, s_s, mu_t, s_t, 2.0).item() == pytest.approx(by_hand(2.0), rel=1e-5)
+
+
+def test_training_step_adds_the_kl_term_and_trains_the_variance_heads(tiny_clip):
+    model, _, tokenizer = tiny_clip
+    module = RUIR(model, 64, RUIRConfig(isu=False, csu=False, dr=False, lambda_kl=0.5))
+    assert all(b.logvar.weight.requires_grad for b in module.source.blocks)  # sigma is in L_KL
+    logged = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
+    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    module.train()
+    batch = {
+        "reference": torch.randn(3, 3, 32, 32),
+        "target": torch.randn(3, 3, 32, 32),
+        "text": tokenizer(["a", "b", "c"]),
+    }
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert logged["train/kl"] > 0
+    assert loss.item() == pytest.approx(logged["train/isu"] + logged["train/kl"], rel=1e-5)
+    assert module.source.blocks[-1].logvar.bias.grad is not None
+    assert {"train/noise_ratio_s", "train/noise_ratio_t"} <= set(logged)
+
+
 # ----------------------------------------------------------------------------- augmenter
+
+
+def _noise_ratio(ua: UncertaintyAugmenter, d_in: int, input_norm: float) -> tuple[float, float]:
+    """(sigma sqrt(d) / E|mu|, mean cos(z, mu)) of the augmenter in training mode, on inputs of
+    norm ``input_norm`` in random directions."""
+    torch.manual_seed(11)
+    x = input_norm * F.normalize(torch.randn(512, d_in), dim=-1)
+    with torch.no_grad():
+        out = ua.train()(x, num_samples=4)
+    ratio = out.sigma.pow(2).sum(-1).sqrt() / out.mu.norm(dim=-1).mean()
+    return float(ratio.mean()), float(F.cosine_similarity(out.z, out.mu[None], dim=-1).mean())
+
+
+@pytest.mark.parametrize("mode", ["stacked", "parallel"])
+def test_scaled_logvar_init_gives_the_same_noise_ratio_at_every_width(mode):
+    """logvar_init=None: each block's bias is 2 log(ratio E|mu| / sqrt d), so the last block's
+    noise norm is ratio x |mu| and cos(z, mu) stays ~0.99 from d = 64 to 1024; the spec's fixed
+    -5 gives cos 0.55 at d = 64 and 0.17 at d = 1024 (the issue measured 0.12 at RN50's 1024)."""
+    cos_fixed = []
+    for d in (64, 256, 1024):
+        kw = dict(n=2, mode=mode, hidden_mult=2, dropout=0.5, logvar_range=(-60.0, 20.0))
+        scaled = UncertaintyAugmenter(2 * d, d, logvar_init=None, noise_ratio=0.1,
+                                      input_norm=math.sqrt(2), **kw)  # fmt: skip
+        ratio, cos = _noise_ratio(scaled, 2 * d, math.sqrt(2))
+        assert ratio == pytest.approx(0.1, rel=0.15), (d, ratio)
+        assert 0.98 < cos < 0.999, (d, cos)
+        if mode == "stacked":
+            fixed = UncertaintyAugmenter(2 * d, d, logvar_init=-5.0, **kw)
+            cos_fixed.append(_noise_ratio(fixed, 2 * d, math.sqrt(2))[1])
+    if mode == "stacked":
+        assert cos_fixed[0] > cos_fixed[1] > cos_fixed[2] and cos_fixed[2] < 0.3, cos_fixed
+
+
+def test_scaled_init_leaves_the_global_rng_and_the_weights_alone():
+    built, next_draw = [], []
+    for logvar_init in (-5.0, None):
+        torch.manual_seed(12)
+        built.append(UncertaintyAugmenter(6, 4, 2, "stacked", 2, 0.5, logvar_init, (-60.0, 20.0)))
+        next_draw.append(torch.rand(1))
+    assert torch.equal(*next_draw)  # the probe draws from its own generator
+    for fixed, scaled in zip(*(a.blocks for a in built)):
+        assert torch.equal(fixed.hidden.weight, scaled.hidden.weight)
+        assert torch.equal(fixed.mu.weight, scaled.mu.weight)
+        assert scaled.logvar.weight.eq(0).all()
+        assert not torch.equal(fixed.logvar.bias, scaled.logvar.bias)
+
+
+def test_norm_mean_puts_every_mean_on_the_sphere_and_sigma_sets_the_ratio():
+    """norm_mean: mu = W u / |W u| in every block, so |mu| = 1, and the scaled init's bias is
+    exactly 2 log(ratio / sqrt d): noise norm sigma sqrt(d) = ratio."""
+    d = 256
+    ua = UncertaintyAugmenter(
+        2 * d, d, 2, "stacked", 2, 0.5, None, (-60.0, 20.0), noise_ratio=0.2, norm_mean=True
+    )
+    for block in ua.blocks:
+        torch.testing.assert_close(
+            block.logvar.bias, torch.full((d,), 2 * math.log(0.2 / math.sqrt(d))), rtol=1e-5,
+            atol=1e-5,
+        )  # fmt: skip
+    torch.manual_seed(13)
+    x = torch.randn(8, 2 * d)
+    for train in (True, False):
+        out = ua.train(train)(x, num_samples=3 if train else 0)
+        torch.testing.assert_close(out.mu.norm(dim=-1), torch.ones(8))
+        mu1, _ = ua.blocks[0](x[None])
+        torch.testing.assert_close(mu1.norm(dim=-1), torch.ones(1, 8))
+    torch.testing.assert_close(out.sigma.pow(2).sum(-1).sqrt(), torch.full((8,), 0.2))
+    module_cfg = RUIRConfig(norm_mean=True)
+    assert module_cfg.norm_mean and not RUIRConfig().norm_mean  # an option, off by default
+
+
+def test_defaults_scale_the_init_and_follow_the_paper_for_csu(xmodal_env):
+    """logvar_init=null (scaled, ratio 0.1) and csu_space=query (the paper: targets whose
+    similarity to the source feature exceeds theta), in the schema and in conf/method/ruir.yaml;
+    -5 stays reachable."""
+    from xmodal.config import compose
+
+    cfg = RUIRConfig()
+    assert cfg.logvar_init is None and cfg.init_noise_ratio == 0.1 and cfg.csu_space == "query"
+    assert cfg.lambda_kl == 0 and cfg.kl_prior_std is None and not cfg.norm_mean
+    composed = compose("train", ["experiment=ruir/shapes_cirr"]).method
+    assert composed.csu_space == "query" and composed.lambda_kl == 0
+    old = compose("train", ["experiment=ruir/shapes_cirr", "method.logvar_init=-5"]).method
+    assert old.logvar_init == -5.0
+
+
+def test_training_step_mines_csu_positives_in_the_configured_space(tiny_clip, monkeypatch):
+    import xmodal.methods.ruir as ruir_module
+
+    calls = []
+    real = ruir_module.csu_positives
+
+    def spy(mu_t, theta, mu_s=None):
+        calls.append(mu_s is not None)
+        return real(mu_t, theta, mu_s)
+
+    monkeypatch.setattr(ruir_module, "csu_positives", spy)
+    model, _, tokenizer = tiny_clip
+    batch = {
+        "reference": torch.randn(3, 3, 32, 32),
+        "target": torch.randn(3, 3, 32, 32),
+        "text": tokenizer(["a", "b", "c"]),
+    }
+    for space, with_source in (("query", True), ("target", False)):
+        module = RUIR(model, 64, RUIRConfig(csu_space=space))
+        module.log = module.log_dict = lambda *a, **kw: None
+        module.train().training_step(batch, 0)
+        assert calls.pop() is with_source  # query: csu_positives(mu_t, theta, mu_s)
 
 
 def test_samples_match_mean_and_variance():

@@ -16,9 +16,12 @@ Gaussians, one per learnable query token of a BLIP-2 Q-Former (methods/hug.md):
 ``variant=official`` reproduces the released code (tanghme0w/AAAI26-HUG @a80270c; hug.md §8):
 frozen Q-Former, fixed a=1, b=0, one-directional saturating -log(S(x)+1e-8) holistic term,
 InfoNCE on the variance directions at tau=0.07, hinge coordination loss with margin 0.2 and a
-random permutation of the texts, CLS-broadcast text variance, AdamW eps 1e-8. Table 3's ablation
-rows are flags (``prob``, ``granularity``, ``fc_neg``, ``use_sigma_m``, ``lambda_cord``,
-``fusion``); see ``conf/experiment/hug/ablation``.
+random permutation of the texts, CLS-broadcast text variance, eps 1e-6 in the fusion softmax,
+AdamW eps 1e-8. Table 3's ablation rows are flags (``prob``, ``granularity``, ``fc_neg``,
+``use_sigma_m``, ``lambda_cord``, ``fusion``); see ``conf/experiment/hug/ablation``.
+
+Every loss and distance is :func:`xmodal.probabilistic.exact`: float32 with autocast off, so the
+``16-mixed`` GPU trainer changes the networks' precision, never the losses'.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from xmodal.distributed import gather_by_index, gather_with_grad
-from xmodal.probabilistic import expected_distance, pairwise_sq_distance
+from xmodal.probabilistic import exact, expected_distance, pairwise_sq_distance
 
 if TYPE_CHECKING:
     from xmodal.data.cir import CIRDataModule, EvalSubset
@@ -97,40 +100,62 @@ class HUGConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+OFFICIAL_FUSION_EPS = 1e-6  # released DynamicWeighting: in the softmax sum and under the sqrt
+
+
+@exact
 def fusion_weights(
-    sigma_r: Tensor, sigma_t: Tensor, sigma_m: Tensor, eps: float = 1e-6
+    sigma_r: Tensor, sigma_t: Tensor, sigma_m: Tensor, eps: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Eq 11: w_x = exp(-sigma_x^2) / sum_x' exp(-sigma_x'^2), element-wise (eps in the sum)."""
-    unnorm = [torch.exp(-s.pow(2)) for s in (sigma_r, sigma_t, sigma_m)]
-    total = unnorm[0] + unnorm[1] + unnorm[2] + eps
-    return unnorm[0] / total, unnorm[1] / total, unnorm[2] / total
+    """Eq 11: w_x = exp(-sigma_x^2) / sum_x' exp(-sigma_x'^2), element-wise.
+
+    ``eps=None`` (paper): the exact softmax over the three sources (log-sum-exp), so the weights
+    sum to 1 for any sigma. A number (released code: 1e-6) is added to the sum of exp(-sigma^2)
+    instead; the weights then vanish once every sigma^2 is large (three sigma = 5: each w = 0.001).
+    """
+    neg = torch.stack([-s.pow(2) for s in (sigma_r, sigma_t, sigma_m)])
+    if eps is None:
+        weights = torch.softmax(neg, dim=0)
+    else:
+        unnorm = neg.exp()
+        weights = unnorm / (unnorm.sum(0) + eps)
+    return weights[0], weights[1], weights[2]
 
 
+@exact
 def fuse_uncertainty(
     sigma_r: Tensor,
     sigma_t: Tensor,
     sigma_m: Tensor | None,
     mode: str = "dynamic",
-    eps: float = 1e-6,
+    variant: str = "paper",
 ) -> Tensor:
     """Query standard deviation from the reference, text and multi-modal ones (all [B, K, D]).
 
     ``dynamic`` (eqs 10-11): sigma_q^2 = sum_x w_x sigma_x^2 with the weights of
     :func:`fusion_weights`; ``static``: sigma_q^2 = mean of the sigma_x^2 (``sigma_m=None`` averages
-    the two uni-modal ones, Table 3 rows 2-4). Returns sqrt(sigma_q^2 + eps); eps = 1e-6 as in the
-    released code keeps the square root differentiable.
+    the two uni-modal ones, Table 3 rows 2-4). ``variant="paper"``: exact softmax and
+    sigma_q = sqrt(sigma_q^2), so equal inputs fuse to themselves; ``"official"``: the released
+    code, eps = 1e-6 in the softmax sum and sigma_q = sqrt(sigma_q^2 + 1e-6).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    official = variant == "official"
     if mode == "dynamic":
         if sigma_m is None:
             raise ValueError("dynamic fusion needs sigma_m (set use_sigma_m=true or fusion=static)")
-        weights = fusion_weights(sigma_r, sigma_t, sigma_m, eps)
-        var = sum(w * s.pow(2) for w, s in zip(weights, (sigma_r, sigma_t, sigma_m)))
+        sources = (sigma_r, sigma_t, sigma_m)
+        weights = fusion_weights(*sources, eps=OFFICIAL_FUSION_EPS if official else None)
+        var = sum(w * s.pow(2) for w, s in zip(weights, sources))
     elif mode == "static":
         sources = [s for s in (sigma_r, sigma_t, sigma_m) if s is not None]
         var = sum(s.pow(2) for s in sources) / len(sources)
     else:
         raise ValueError(f"fusion mode must be 'dynamic' or 'static', got {mode!r}")
-    return torch.sqrt(var + eps)
+    if official:
+        return torch.sqrt(var + OFFICIAL_FUSION_EPS)
+    # exact square root; the clamp only keeps the gradient finite where every sigma underflowed
+    return torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +163,7 @@ def fuse_uncertainty(
 # ----------------------------------------------------------------------------------------------
 
 
+@exact
 def holistic_contrast(
     distance: Tensor, a: Tensor | float = 1.0, b: Tensor | float = 0.0, neg_scale: str = "batch"
 ) -> Tensor:
@@ -160,6 +186,7 @@ def holistic_contrast(
     return (positive + scale * (negative.sum(1) + negative.sum(0))).mean()
 
 
+@exact
 def fine_grained_contrast(
     sigma_q: Tensor,
     sigma_c: Tensor,
@@ -203,6 +230,7 @@ def fine_grained_contrast(
     return loss
 
 
+@exact
 def coordination_loss(sigma_m_matched: Tensor, sigma_m_mismatched: Tensor) -> Tensor:
     """Eq 9 with the sign the text intends: -E log S(mean sigma_m^2(x_r, x'_t) - mean
     sigma_m^2(x_r, x_t)), so a mismatched text gets the higher coordination uncertainty."""
@@ -211,6 +239,7 @@ def coordination_loss(sigma_m_matched: Tensor, sigma_m_mismatched: Tensor) -> Te
     return -F.logsigmoid(mismatched - matched).mean()
 
 
+@exact
 def official_holistic_contrast(distance: Tensor, a: float = 1.0, b: float = 0.0) -> Tensor:
     """Released code's eq 13: -log(S(-a d_ii - b) + 1e-8) - sum_{j!=i} log(S(a d_ij + b) + 1e-8),
     queries to targets only, summed and divided by B. Saturates at 18.42 per positive."""
@@ -221,6 +250,7 @@ def official_holistic_contrast(distance: Tensor, a: float = 1.0, b: float = 0.0)
     return (positive.sum() + negative.sum()) / n
 
 
+@exact
 def official_fine_grained_contrast(
     sigma_q: Tensor, sigma_c: Tensor, temperature: float = 0.07
 ) -> Tensor:
@@ -243,6 +273,7 @@ def official_fine_grained_contrast(
     return (component + instance.view(k, n).mean(1).sum()) / (n * k + k)
 
 
+@exact
 def official_coordination_loss(
     sigma_m_matched: Tensor, sigma_m_mismatched: Tensor, margin: float = 0.2
 ) -> Tensor:
@@ -252,6 +283,7 @@ def official_coordination_loss(
     return torch.clamp(margin + matched - mismatched, min=0).mean()
 
 
+@exact
 def info_nce(mu_q: Tensor, mu_c: Tensor, temperature: float = 0.07) -> Tensor:
     """Table 3 row 0 (point matching): InfoNCE of L2-normalised embeddings, query -> target."""
     q, c = F.normalize(mu_q.flatten(1), dim=-1), F.normalize(mu_c.flatten(1), dim=-1)
@@ -259,6 +291,7 @@ def info_nce(mu_q: Tensor, mu_c: Tensor, temperature: float = 0.07) -> Tensor:
     return F.cross_entropy(q @ c.T / temperature, labels)
 
 
+@exact
 def hug_loss(
     mu_q: Tensor,
     sigma_q: Tensor,
@@ -572,7 +605,9 @@ class HUG(pl.LightningModule):
         sigma_r = self.g_v(h_r)  # eq 6
         sigma_t = self.g_t(h_t)  # eq 7
         sigma_m = self.g_m(mu_q) if self.g_m is not None else None  # eq 8
-        sigma_q = fuse_uncertainty(sigma_r, sigma_t, sigma_m, self.hp.fusion)  # eqs 10-11
+        sigma_q = fuse_uncertainty(  # eqs 10-11
+            sigma_r, sigma_t, sigma_m, self.hp.fusion, self.hp.variant
+        )
         mu, sigma = self._pool(mu_q, sigma_q, getattr(self, "gpo_q", None))
         return QueryEncoding(mu, sigma, sigma_r, sigma_t, sigma_m, v)
 

@@ -13,9 +13,14 @@ Losses (§4), for M samples of both ends, s_ij^(m) = <z_s^i(m), z_t^j(m)> / tau 
 
     L_ISU = mean_m mean_i -log softmax_j(s_i.^(m))_i                        (in-sample)
     L_CSU = mean_m mean_i -mean_{p in P_i} log softmax_j(s_i.^(m))_p        (cross-sample)
-            P_i = {i} + {j : cos(mu_t^i, mu_t^j) >= theta}  (stop-grad)
+            P_i = {i} + {j : cos(mu_s^i, mu_t^j) >= theta}  (stop-grad; csu_space=query)
     L_DR  = mean_i W2^2(N(mu_s^i, sigma_s^i), N(mu_t^i, sigma_t^i))           (distribution reg.)
-    L     = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR
+    L     = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR  (+ lambda_KL L_KL, off by default)
+
+Every loss is :func:`xmodal.probabilistic.exact` (autocast off, float32 inside), so mixed-precision
+training changes the networks' precision, not the losses'. The log-variance heads start at a
+noise/signal ratio ``init_noise_ratio`` for any width d (``logvar_init=null``); ``norm_mean`` and
+``lambda_kl`` are options against the collapse to plain InfoNCE (docs/ruir.md).
 
 Training (§5): AdamW, linear warm-up then multi-step decay per epoch; the best checkpoint by
 validation R@10. Evaluation: FashionIQ per category under ``data.protocol``, CIRR R@K / Rs@K and
@@ -39,7 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from xmodal.data.cir import CIRDataModule, EvalSubset
-from xmodal.probabilistic import reparameterize, sigma_from_logvar, wasserstein2
+from xmodal.probabilistic import (
+    exact,
+    kl_to_prior,
+    reparameterize,
+    sigma_from_logvar,
+    wasserstein2,
+)
 
 log = logging.getLogger("xmodal")
 
@@ -62,8 +73,12 @@ class RUIRConfig:
     ua_mode: str = "stacked"  # [R] stacked | parallel
     hidden_mult: int = 2  # [R] UA hidden width d_h = hidden_mult x d
     dropout: float = 0.5  # [R] UA hidden dropout (CLIP4Cir/PLI combiner value)
-    logvar_init: float = -5.0  # [R] log-variance head: zero weights, this bias
+    # [R] log-variance head: zero weights and this bias; null: the bias that makes the initial
+    # noise norm sigma sqrt(d) init_noise_ratio x |mu| (any d); -5.0 is the spec's fixed value
+    logvar_init: float | None = None
+    init_noise_ratio: float = 0.1
     logvar_range: list[float] = field(default_factory=lambda: [-60.0, 20.0])  # clamp, stability
+    norm_mean: bool = False  # L2-normalise every UA block's mean: sigma alone sets noise/signal
     # -- losses (§4)
     isu: bool = True  # stochastic ranking list (M samples); false: deterministic InfoNCE on mu
     csu: bool = True
@@ -72,11 +87,14 @@ class RUIRConfig:
     tau: float = 0.07  # [F]
     learn_tau: bool = False  # learnable temperature initialised at tau
     theta: float = 0.9  # [R] CSU similarity threshold
-    csu_space: str = "target"  # [R] target: cos(mu_t^i, mu_t^j); query: cos(mu_s^i, mu_t^j)
+    csu_space: str = "query"  # [B] query: cos(mu_s^i, mu_t^j) (the paper's "similarity above
+    # theta to the source feature"); [R] target: cos(mu_t^i, mu_t^j)
     csu_replaces_isu: bool = False  # [R] L = lambda_CSU L_CSU + ... instead of L_ISU + ...
     lambda_csu: float = 1.0  # [R]
     lambda_dr: float = 0.1  # [R]
     dr_on: str = "normalized"  # [R] W2 on L2-normalised means (normalized) or raw means
+    lambda_kl: float = 0.0  # KL of both Gaussians to N(0, s^2 I) per dimension (0: off)
+    kl_prior_std: float | None = None  # s; null: 1/sqrt(d), a noise norm of 1 = a unit mean's
     # -- training (§5)
     lr: float = 1e-5  # [F]
     weight_decay: float = 5e-5  # [F]
@@ -96,54 +114,76 @@ class RUIRConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+@exact
 def sampled_logits(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
     """s_ij^(m) = <z_s^i(m)/|z_s^i(m)|, z_t^j(m)/|z_t^j(m)|> / tau; [M, B, d] x2 -> [M, B, B]."""
-    z_s, z_t = F.normalize(z_s.float(), dim=-1), F.normalize(z_t.float(), dim=-1)
+    z_s, z_t = F.normalize(z_s, dim=-1), F.normalize(z_t, dim=-1)
     return z_s @ z_t.transpose(-1, -2) / tau
 
 
+@exact
 def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
     """mean_m mean_i -(1/|P_i|) sum_{p in P_i} log softmax_j(logits[m, i])_p.
 
     ``logits`` [M, B, B], ``positives`` bool [B, B] (row i = P_i, never empty). With
     ``positives = I`` this is the usual InfoNCE (cross-entropy with labels 0..B-1).
     """
-    log_p = logits.float().log_softmax(dim=-1)
+    log_p = logits.log_softmax(dim=-1)
     pos = positives.to(log_p.dtype)
     return (-(log_p * pos).sum(-1) / pos.sum(-1)).mean()
 
 
+@exact
 def isu_loss(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
     """L_ISU: InfoNCE over the stochastic ranking list; z [M, B, d] (M = 1: deterministic)."""
     eye = torch.eye(z_s.shape[1], dtype=torch.bool, device=z_s.device)
     return multi_positive_infonce(sampled_logits(z_s, z_t, tau), eye)
 
 
+@exact
 def csu_positives(mu_t: Tensor, theta: float, mu_s: Tensor | None = None) -> Tensor:
-    """P_i = {i} + {j : cos(mu^i, mu_t^j) >= theta}, mu = mu_t (target space) or mu_s (query
-    space), without gradient; bool [B, B]."""
+    """P_i = {i} + {j : cos(mu^i, mu_t^j) >= theta}, without gradient; bool [B, B].
+
+    mu = mu_s (``csu_space=query``, the default: targets similar to the source feature, as the
+    paper describes CSU) or, when ``mu_s`` is None, mu_t (``csu_space=target``)."""
     anchor = mu_t if mu_s is None else mu_s
-    sim = (
-        F.normalize(anchor.detach().float(), dim=-1) @ F.normalize(mu_t.detach().float(), dim=-1).T
-    )
+    sim = F.normalize(anchor.detach(), dim=-1) @ F.normalize(mu_t.detach(), dim=-1).T
     eye = torch.eye(len(mu_t), dtype=torch.bool, device=mu_t.device)
     return (sim >= theta) | eye
 
 
+@exact
 def csu_loss(z_s: Tensor, z_t: Tensor, positives: Tensor, tau: Tensor | float) -> Tensor:
     """L_CSU: multi-positive InfoNCE, the in-batch targets in ``positives`` count as matches."""
     return multi_positive_infonce(sampled_logits(z_s, z_t, tau), positives)
 
 
+@exact
 def dr_loss(
     mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, normalized: bool = True
 ) -> Tensor:
     """L_DR: mean over matched pairs of W2^2 = |mu_s - mu_t|^2 + |sigma_s - sigma_t|^2, on
     L2-normalised means when ``normalized`` (sigma as is)."""
-    mu_s, mu_t, sigma_s, sigma_t = (x.float() for x in (mu_s, mu_t, sigma_s, sigma_t))
     if normalized:
         mu_s, mu_t = F.normalize(mu_s, dim=-1), F.normalize(mu_t, dim=-1)
     return wasserstein2(mu_s, sigma_s, mu_t, sigma_t).mean()
+
+
+@exact
+def kl_loss(
+    mu_s: Tensor, sigma_s: Tensor, mu_t: Tensor, sigma_t: Tensor, prior_std: float | None = None
+) -> Tensor:
+    """L_KL = mean_i [KL(N(mu_s^i, sigma_s^i^2) || N(0, s^2 I)) + KL(target_i || same)] / d.
+
+    The prior term of PCME / DUL, per embedding dimension so that lambda_KL does not depend on d;
+    s = ``prior_std``, default 1/sqrt(d) (the prior's noise norm s sqrt(d) = 1, the norm of a
+    normalised mean). ISU, CSU and DR only reward a smaller sigma and let |mu| grow, which drives
+    the noise/signal ratio to 0 (plain InfoNCE); this term is minimal at sigma = s and grows with
+    |mu|^2. Inputs [B, d].
+    """
+    d = mu_s.shape[-1]
+    s = prior_std if prior_std is not None else 1 / math.sqrt(d)
+    return (kl_to_prior(mu_s, sigma_s, s) + kl_to_prior(mu_t, sigma_t, s)).mean() / d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +225,7 @@ class UABlock(nn.Module):
         dropout: float,
         logvar_init: float,
         logvar_range: tuple[float, float],
+        norm_mean: bool = False,
     ) -> None:
         super().__init__()
         self.hidden = nn.Linear(d_in, d_hidden)
@@ -197,17 +238,52 @@ class UABlock(nn.Module):
         nn.init.constant_(self.logvar.bias, logvar_init)
         self.dropout = dropout
         self.logvar_range = tuple(logvar_range)
+        self.norm_mean = norm_mean
+
+    def _mean(self, u: Tensor) -> Tensor:
+        mu = self.mu(u)
+        return F.normalize(mu, dim=-1) if self.norm_mean else mu
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         u = F.gelu(self.hidden(h))
         if self.training and self.dropout > 0:
             keep = torch.empty_like(u[0]).bernoulli_(1 - self.dropout) / (1 - self.dropout)
             u = u * keep
-        return self.mu(u), self.logvar(u).clamp(*self.logvar_range)
+        return self._mean(u), self.logvar(u).clamp(*self.logvar_range)
+
+    @torch.no_grad()
+    def init_noise_ratio(self, ratio: float, input_norm: float, probes: int = 256) -> float:
+        """Set the log-variance bias so that the initial noise norm sigma sqrt(d) is ``ratio``
+        times E|mu|, the mean norm of the block's output at initialisation in training (dropout
+        included, where samples are drawn) for inputs of norm ``input_norm`` in random
+        directions; returns E|mu|.
+
+        The log-variance weights are 0 at initialisation, so sigma is the same for every input
+        and the initial cos(z, mu) ~ 1/sqrt(1 + ratio^2) whatever d and |mu| are. A fixed bias
+        instead gives noise e^{b/2} sqrt(d) against |mu| ~ 0.5: b = -5 is noise at d = 1024.
+        """
+        if ratio <= 0 or input_norm <= 0:
+            raise ValueError(
+                f"method.init_noise_ratio and the input norm must be > 0, got {ratio}, {input_norm}"
+            )
+        g = torch.Generator().manual_seed(0)  # the probe leaves the global RNG alone
+        x = F.normalize(torch.randn(probes, self.hidden.in_features, generator=g), dim=-1)
+        u = F.gelu(self.hidden((input_norm * x).to(self.hidden.weight)))
+        if self.dropout > 0:
+            keep = torch.rand(u.shape, generator=g) >= self.dropout
+            u = u * keep.to(u) / (1 - self.dropout)
+        mean_norm = float(self._mean(u).norm(dim=-1).mean())
+        d = self.mu.out_features
+        self.logvar.bias.fill_(2 * math.log(ratio * mean_norm / math.sqrt(d)))
+        return mean_norm
 
 
 class UncertaintyAugmenter(nn.Module):
     """``n`` UA blocks turning features [B, d_in] into a Gaussian [B, d] (+ M samples).
+
+    ``logvar_init=None`` sets each block's log-variance bias by :meth:`UABlock.init_noise_ratio`
+    (``noise_ratio``, inputs of norm ``input_norm``; a stacked block's inputs have the norm of
+    the previous block's means); a number sets every bias to it.
 
     ``stacked``: h_0 = x, (mu_l, sigma_l) = UA_l(h_{l-1}); the Gaussian is the last block's on
     the mean path (h_l = mu_l, what evaluation uses) and sample m follows its own chain
@@ -223,17 +299,26 @@ class UncertaintyAugmenter(nn.Module):
         mode: str,
         hidden_mult: int,
         dropout: float,
-        logvar_init: float,
+        logvar_init: float | None,
         logvar_range: tuple[float, float],
+        noise_ratio: float = 0.1,
+        input_norm: float = 1.0,
+        norm_mean: bool = False,
     ) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"method.n_ua must be >= 1, got {n}")
         self.mode = mode
         dims = [d_in] + [d if mode == "stacked" else d_in] * (n - 1)
+        bias = 0.0 if logvar_init is None else logvar_init
         self.blocks = nn.ModuleList(
-            UABlock(di, d, hidden_mult * d, dropout, logvar_init, logvar_range) for di in dims
+            UABlock(di, d, hidden_mult * d, dropout, bias, logvar_range, norm_mean) for di in dims
         )
+        if logvar_init is None:
+            norm = input_norm
+            for block in self.blocks:
+                mean_norm = block.init_noise_ratio(noise_ratio, norm)
+                norm = mean_norm if mode == "stacked" else input_norm
 
     def forward(self, x: Tensor, num_samples: int = 0) -> Gaussian:
         if self.mode == "parallel":
@@ -335,10 +420,14 @@ class RUIR(pl.LightningModule):
             dropout=cfg.dropout,
             logvar_init=cfg.logvar_init,
             logvar_range=tuple(cfg.logvar_range),
+            noise_ratio=cfg.init_noise_ratio,
+            norm_mean=cfg.norm_mean,
         )
-        self.source = UncertaintyAugmenter(2 * d, d, **ua)  # x_s = [v_r; t] in R^{2d}
-        self.target = UncertaintyAugmenter(d, d, **ua)  # [R] own blocks, no weight sharing
-        if not (cfg.isu or cfg.dr):  # baseline: sigma takes no part in the loss
+        # x_s = [v_r; t] in R^{2d}: norm sqrt(2) when both are normalised (the initial noise
+        # ratio is relative to unit-norm tower outputs when they are not)
+        self.source = UncertaintyAugmenter(2 * d, d, input_norm=math.sqrt(2), **ua)
+        self.target = UncertaintyAugmenter(d, d, input_norm=1.0, **ua)  # [R] own blocks
+        if not (cfg.isu or cfg.dr or cfg.lambda_kl):  # baseline: sigma takes no part in the loss
             for block in [*self.source.blocks, *self.target.blocks]:
                 block.logvar.requires_grad_(False)
         log_inv_tau = torch.tensor(math.log(1 / cfg.tau))
@@ -451,12 +540,19 @@ class RUIR(pl.LightningModule):
             losses["dr"] = c.lambda_dr * dr_loss(  # L_DR, 2-Wasserstein
                 src.mu, src.sigma, tgt.mu, tgt.sigma, normalized=c.dr_on == "normalized"
             )
-        loss = sum(losses.values())  # L = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR
+        if c.lambda_kl:  # optional prior term: keeps sigma from collapsing and |mu| bounded
+            losses["kl"] = c.lambda_kl * kl_loss(
+                src.mu, src.sigma, tgt.mu, tgt.sigma, c.kl_prior_std
+            )
+        loss = sum(losses.values())  # L = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR (+ KL)
 
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items()})
         self.log("train/sigma_s", src.sigma.mean())
         self.log("train/sigma_t", tgt.sigma.mean())
+        for side, gauss in (("s", src), ("t", tgt)):  # |z - mu| / |mu|: 0 = plain InfoNCE
+            noise = gauss.sigma.pow(2).sum(-1).sqrt() / gauss.mu.norm(dim=-1).clamp_min(1e-12)
+            self.log(f"train/noise_ratio_{side}", noise.mean())
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
