@@ -46,7 +46,7 @@ rehearse: $(STAMP)  ## every backbone at full size, random weights, reloaded in 
 table: $(STAMP)  ## render a paper table from run directories: make table TABLE=<name>
 	$(PY) -m xmodal.cli.table table=$(TABLE)
 
-wandb-sync: $(STAMP)  ## upload offline W&B runs under $$XMODAL_OUTPUT (default outputs/)
+wandb-sync: $(STAMP)  ## upload offline W&B runs under $XMODAL_OUTPUT (default outputs/)
 	@runs=$$(find $${XMODAL_OUTPUT:-outputs} -type d -name 'offline-run-*' 2>/dev/null); \
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under $${XMODAL_OUTPUT:-outputs}"; \
 	else $(VENV)/bin/wandb sync $$runs; fi

@@ -241,6 +241,7 @@ def test_list_backbones(tmp_path, monkeypatch) -> None:
     assert "openclip_vit_l_14_openai" in list_backbones("openclip_*")
     (tmp_path / "backbone").mkdir()
     (tmp_path / "backbone" / "mine.yaml").write_text("name: mine\narch: RN50\n")
+    (tmp_path / "train.yaml").write_text("task: train\n")  # a config folder has its primaries
     monkeypatch.setenv("XMODAL_CONF_DIR", str(tmp_path))
     assert list_backbones() == ["mine"]
 

@@ -29,14 +29,15 @@ from xmodal.errors import ConfigError
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` directory: env ``XMODAL_CONF_DIR`` or ``<repo>/conf`` next to ``src/``."""
+    """The config folder: env ``XMODAL_CONF_DIR``, else the one installed with the package
+    (``xmodal/conf``; in a clone a link to the repository's ``conf/``)."""
     env = os.environ.get("XMODAL_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    path = Path(env) if env else Path(__file__).resolve().parent / "conf"
     if not (path / "train.yaml").is_file():
         raise FileNotFoundError(
             f"xmodal configs not found at {path} (expected train.yaml and eval.yaml there). "
-            "Install xmodal from a clone (`pip install -e .`) or set XMODAL_CONF_DIR to the "
-            "repository's conf/ directory."
+            "Reinstall xmodal (`pip install .` ships them), or set XMODAL_CONF_DIR to a folder "
+            "laid out like the repository's conf/."
         )
     return path
 
@@ -194,29 +195,6 @@ class TrainerConfig:
 
 
 @dataclass
-class RetrievalEvaluatorConfig:
-    """``evaluator=retrieval``: image<->text Recall@K in both directions."""
-
-    _target_: str = "xmodal.evaluators.retrieval.RetrievalEvaluator"
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    chunk_size: int = 1024
-    cache: bool = True
-
-
-@dataclass
-class ClipPretrainConfig:
-    """``method=clip_pretrain``: contrastive pretraining of a (tiny) CLIP on image-caption pairs."""
-
-    _target_: str = "xmodal.methods.clip_pretrain.ClipPretrain"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    export_name: str | None = None  # also save the backbone to paths.checkpoint_dir/<name>.pt
-    monitor: str = "val/R@1"  # checkpoint metric (mean of t2i and i2t R@1, percent)
-
-
-@dataclass
 class _BaseRunConfig:
     task: str = MISSING
     seed: int = 0
@@ -263,13 +241,13 @@ def _group_schemas() -> dict[str, type]:
 #: ``<group>/_schema_<name>``; the option's YAML starts with ``defaults: [_schema_<name>, _self_]``.
 #: A method or evaluator module defines its own schema dataclass next to its code.
 OPTION_SCHEMAS: dict[tuple[str, str], str] = {
-    ("evaluator", "retrieval"): "xmodal.config:RetrievalEvaluatorConfig",
-    ("evaluator", "uclip"): "xmodal.evaluators.uclip:UCLIPConfig",
-    ("evaluator", "zeroshot"): "xmodal.evaluators.zeroshot:ZeroShotConfig",
-    ("evaluator", "xmore"): "xmodal.evaluators.xmore:XMoReConfig",
-    ("method", "clip_pretrain"): "xmodal.config:ClipPretrainConfig",
-    ("method", "ruir"): "xmodal.methods.ruir:RUIRConfig",
-    ("method", "hug"): "xmodal.methods.hug:HUGConfig",
+    ("evaluator", "retrieval"): "xmodal.evaluators.schemas:RetrievalEvaluatorConfig",
+    ("evaluator", "uclip"): "xmodal.evaluators.schemas:UCLIPConfig",
+    ("evaluator", "zeroshot"): "xmodal.evaluators.schemas:ZeroShotConfig",
+    ("evaluator", "xmore"): "xmodal.evaluators.schemas:XMoReConfig",
+    ("method", "clip_pretrain"): "xmodal.methods.schemas:ClipPretrainConfig",
+    ("method", "ruir"): "xmodal.methods.schemas:RUIRConfig",
+    ("method", "hug"): "xmodal.methods.schemas:HUGConfig",
 }
 
 

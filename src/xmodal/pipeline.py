@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +34,16 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
-    """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
-    from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint
+    """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks.
+
+    When stdout is not a terminal (a log file, SLURM output), Lightning's progress bar is replaced
+    by plain periodic lines (``xmodal.callbacks.PlainProgress``).
+    """
+    from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint, PlainProgress
     from xmodal.loggers import ContinueLogs
 
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
+    callbacks: list[Any] = []
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
         callbacks = [
@@ -50,13 +56,48 @@ def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
             raise ValueError(f"test_ckpt must be best or last, got {test_ckpt!r}")
         if test_ckpt == "best":
             callbacks.append(BestWeightsAfterFit())
-        kwargs["callbacks"] = callbacks
     else:
-        # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler)
+        # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler); their metrics
+        # reach the loggers at the end (_log_evaluation)
         kwargs.update(logger=False, enable_checkpointing=False, use_distributed_sampler=False)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg.update(kwargs)
+    if trainer_cfg.get("enable_progress_bar", True) and not sys.stdout.isatty():
+        trainer_cfg["enable_progress_bar"] = False
+        callbacks.append(PlainProgress())
+    trainer_cfg.update(kwargs, callbacks=callbacks)
     return instantiate(trainer_cfg)
+
+
+def _log_evaluation(cfg: DictConfig, metrics: dict[str, Any], run: RunDir) -> None:
+    """Send an evaluator's metrics, config and plots (``<run_dir>/*.png``, e.g. uCLIP's
+    calibration and rejection plots) to the configured loggers (rank 0)."""
+    loggers = _instantiate_group(cfg.get("logger")) if run.rank == 0 else []
+    if not loggers:
+        return
+    numeric = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    images = sorted(run.path.glob("*.png"))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(numeric, step=0)
+        for path in images:
+            _log_image(logger, path)
+        logger.finalize("success")
+
+
+def _log_image(logger: Any, path: Path) -> None:
+    """One plot to a logger that takes images (W&B, TensorBoard); others (CSV) skip it."""
+    if hasattr(logger, "log_image"):  # WandbLogger
+        logger.log_image(key=f"plots/{path.stem}", images=[str(path)])
+    elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        logger.experiment.add_image(f"plots/{path.stem}", pixels, dataformats="HWC")
 
 
 def _finish_loggers(trainer: pl.Trainer | None) -> None:
@@ -110,6 +151,9 @@ def _prepare(
     check_slurm_allocation(cfg.trainer)
     import lightning.pytorch as pl
 
+    from xmodal.console import adopt_library_loggers
+
+    adopt_library_loggers()  # Lightning's own console handlers, added on import: through ours
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     from xmodal.data.datamodule import check_data, ensure_shapes_world
 
@@ -117,6 +161,7 @@ def _prepare(
     check_data(cfg.data, splits)  # a broken dataset stops here, before any model is built
     inputs.note_config_files(OmegaConf.to_container(cfg, resolve=True), skip=_NOT_WALKED)
     run.start()
+    log.info("%s %s: run directory %s", cfg.task, cfg.run_name, run.path)
     return run, None
 
 
@@ -150,6 +195,7 @@ def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, 
             run_dir=Path(cfg.run_dir),
         )
         metrics = evaluator.evaluate(ctx)
+        _log_evaluation(cfg, metrics, run)
         run.finish(metrics, used)
         return metrics
     except BaseException as err:

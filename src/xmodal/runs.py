@@ -403,7 +403,9 @@ class RunDir:
     def set_aside(self) -> Path | None:
         """Move every earlier result (metrics, inputs record, checkpoints, logs, plots) into
         ``previous/<time>/``; returns that folder (None when there was nothing to move)."""
-        movable = [p for p in self.path.iterdir() if p.name not in KEEP_ON_REDO]
+        movable = [
+            p for p in self.path.iterdir() if p.name not in KEEP_ON_REDO and p.suffix != ".log"
+        ]  # the job's log file is open (Hydra appends to <task>.log): it stays
         if not movable:
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")

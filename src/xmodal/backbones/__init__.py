@@ -22,15 +22,17 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
-import xmodal
 from xmodal.backbones.config import META_KEY, BackboneConfig, as_config
-from xmodal.backbones.weights import Weights, content_identity
+from xmodal.config import conf_dir
+
+if TYPE_CHECKING:  # torch is imported when a backbone is built: composing a config stays cheap
+    from torch import nn
+
+    from xmodal.backbones.weights import Weights
 
 log = logging.getLogger("xmodal")
 
@@ -47,12 +49,6 @@ __all__ = [
 ]
 
 ConfigLike = BackboneConfig | DictConfig | Mapping[str, Any] | str
-
-
-def conf_dir() -> Path:
-    """The Hydra config directory: `$XMODAL_CONF_DIR`, else `<repo>/conf`."""
-    env = os.environ.get("XMODAL_CONF_DIR")
-    return Path(env) if env else Path(xmodal.__file__).resolve().parents[2] / "conf"
 
 
 def list_backbones(pattern: str = "*") -> list[str]:
@@ -107,6 +103,8 @@ def build(cfg: ConfigLike) -> tuple[nn.Module, Callable, Callable]:
     `pretrained: null` the weights are random, drawn from `cfg.init_seed` alone (0 when unset),
     whatever state torch's global RNG is in: the embedding cache keys them on that seed.
     """
+    import torch
+
     cfg, spec, weights = resolve(cfg)
     log.info("backbone %s: %s arch %s, weights: %s", cfg.name, cfg.kind, cfg.arch, weights.label)
     with torch.random.fork_rng(devices=[]):
@@ -160,6 +158,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, cfg: ConfigLike) -> Path
             tensors = {k: v.contiguous() for k, v in state.items()}
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         else:
+            import torch
+
             torch.save({"state_dict": state, META_KEY: meta}, tmp)
         os.replace(tmp, path)
     finally:
@@ -169,6 +169,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, cfg: ConfigLike) -> Path
 
 def file_identity(path: str | Path) -> dict[str, Any]:
     """Identity of weights by content (sha256 + size of a file, or of a folder's files)."""
+    from xmodal.backbones.weights import content_identity
+
     return content_identity(path)
 
 
@@ -186,6 +188,8 @@ def identity(cfg: ConfigLike) -> dict[str, Any]:
     if not pretrained:
         pretrained = {"random_init": True, "seed": _init_seed(cfg)}
     elif Path(pretrained).expanduser().exists():
+        from xmodal.backbones.weights import content_identity
+
         pretrained = content_identity(pretrained)
     elif cfg.kind != "open_clip" or not _is_tag(cfg):
         pretrained = _hub_identity(cfg) or pretrained

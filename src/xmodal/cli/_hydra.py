@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from xmodal.config import check_additions, conf_dir, register_configs
+from xmodal.console import headline, set_verbosity
 from xmodal.errors import EXIT_EXPECTED, ConfigError, expected_message, find_expected
 
 log = logging.getLogger("xmodal")
@@ -88,7 +89,6 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
       goes on; the sweep ends with a summary of every job and exits with code 1 when any failed
       (:class:`SweepSummary`). Re-running the sweep skips finished jobs and redoes failed ones.
     """
-    register_configs()
 
     @hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")
     def _main(cfg: DictConfig) -> Any:
@@ -98,11 +98,12 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
         run_dir = Path(str(cfg.run_dir))
         before = _metrics_mtime(run_dir)
         verbose = bool(cfg.get("verbose"))
+        set_verbosity(verbose)
         try:
             check_additions(overrides, hydra_cfg.runtime.choices, config_name)
             if multirun:
                 refuse_multirun_with_in_process_ddp(cfg)
-            run(cfg, overrides)
+            metrics = run(cfg, overrides)
         except Exception as err:  # noqa: BLE001 - reported, then the exit code says it
             _record_outcome(run_dir, "failed", f"{type(err).__name__}: {expected_message(err)}")
             expected = report_expected(err, verbose)
@@ -114,15 +115,26 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
                 log.exception("job %s failed; the sweep continues", hydra_cfg.job.num)
             return None
         after = _metrics_mtime(run_dir)
-        _record_outcome(run_dir, "skipped" if after is not None and after == before else "done")
+        skipped = after is not None and after == before
+        _record_outcome(run_dir, "skipped" if skipped else "done")
+        log.info("%s: %s", "finished earlier, skipped" if skipped else "done", run_dir)
+        for line in headline(metrics or {}):
+            log.info(line)
         return None
 
     def main() -> Any:
-        if "--version" in sys.argv[1:]:
+        args = sys.argv[1:]
+        if "--version" in args:
             from xmodal import __version__
 
             print(f"xmodal {__version__}")
             return None
+        if "--help" in args or "-h" in args:
+            from xmodal.cli.help import render
+
+            print(render(config_name))
+            return None
+        register_configs()
         return _main()
 
     return main

@@ -38,17 +38,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 from torch import Tensor, nn
 
+from xmodal.evaluators.schemas import UCLIP_BLOCK_SIZE, EnsembleMember
 from xmodal.metrics.calibration import (
     TIES,
     calibration_scores,
@@ -76,7 +77,9 @@ PROBABILITY_METHODS = ("top1_consistency",)
 SAMPLERS = ("mcd", "ensemble", "single")
 VARIANTS = ("corrected", "official")
 DIRECTIONS = ("t2i", "i2t")
-DEFAULT_BLOCK_SIZE = 1 << 24  # scores per block (64 MB in float32)
+log = logging.getLogger("xmodal")
+
+DEFAULT_BLOCK_SIZE = UCLIP_BLOCK_SIZE  # scores per block (64 MB in float32)
 OPTIONS = {"step_size": 0.025, "max_iter": 50, "eps": 1e-8, "top_k": 5}
 
 
@@ -493,43 +496,6 @@ def pass_seed(seed: int, index: int, kind: str, rank: int = 0) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
 
 
-@dataclass
-class EnsembleMember:
-    """One deep-ensemble member: an open_clip architecture, its weights and activation."""
-
-    arch: str = MISSING
-    pretrained: str | None = None
-    quick_gelu: bool = False
-
-
-@dataclass
-class UCLIPConfig:
-    """``evaluator=uclip`` (conf/evaluator/uclip.yaml documents every field)."""
-
-    _target_: str = "xmodal.evaluators.uclip.UCLIPEvaluator"
-    method: str = "top1_similarity"
-    compare: list[str] = field(default_factory=list)
-    sampler: str = "mcd"
-    passes: int = 50
-    dropout: float = 0.2
-    members: list[EnsembleMember] = field(default_factory=list)
-    variant: str = "corrected"
-    step_size: float = 0.025
-    max_iter: int = 50
-    eps: float = 1e-8
-    top_k: int = 5
-    num_bins: int = 10
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    rejection_step_t2i: int = 500
-    rejection_step_i2t: int = 100
-    ties: str = "average"
-    ece_bins: int = 15
-    block_size: int = DEFAULT_BLOCK_SIZE
-    device: str = "auto"
-    cache: bool = True
-    plots: bool = True
-
-
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"evaluator.{key}={value!r} is not one of: {', '.join(choices)}")
@@ -628,11 +594,13 @@ class UCLIPEvaluator:
         extra: dict[str, Any],
         build: Callable[[], tuple[Any, ...]],
         seeds: dict[str, int] | None = None,
+        label: str = "single model",
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(image [I, D], valid [I], text [T, D]) of one posterior sample through the cache.
 
         ``build()`` returns (model, preprocess, tokenizer) and is only called on a cache miss;
-        ``seeds`` maps the kind (image|text) to the RNG seed set right before encoding it.
+        ``seeds`` maps the kind (image|text) to the RNG seed set right before encoding it;
+        ``label`` names the sample in the progress line (e.g. "MC-dropout pass 3/50").
         """
         from xmodal.data.images import ImageDataset
         from xmodal.retrieval.encode import TextDataset, encode_cached, text_collate
@@ -644,6 +612,13 @@ class UCLIPEvaluator:
             if "backbone" in extra:  # a member's own weights: its identity pins the transform
                 key["transform"] = None
             hit = ctx.cache.load(key)
+            log.info(
+                "uCLIP %s: %d %ss %s",
+                label,
+                len(items),
+                kind,
+                "from the cache" if hit else "encoding",
+            )
             if hit is not None:
                 out[kind] = (hit["emb"], hit["valid"])
                 continue
@@ -693,8 +668,14 @@ class UCLIPEvaluator:
                     "world_size": int(ctx.trainer.world_size),
                 }
                 seeds = {k: pass_seed(ctx.cfg.seed, index, k, rank) for k in ("image", "text")}
+                label = f"MC-dropout pass {index + 1}/{self.passes}"
                 yield self._encode(
-                    ctx, split, extra, lambda: (ctx.model, ctx.preprocess, ctx.tokenizer), seeds
+                    ctx,
+                    split,
+                    extra,
+                    lambda: (ctx.model, ctx.preprocess, ctx.tokenizer),
+                    seeds,
+                    label,
                 )
 
     def _member_samples(
@@ -713,7 +694,9 @@ class UCLIPEvaluator:
                 )
             cfg = self.member_config(member)
             extra = {"backbone": backbones.identity(cfg)}
-            yield self._encode(ctx, split, extra, lambda cfg=cfg: backbones.build(cfg))
+            label = f"ensemble member {index + 1}/{len(members)} ({cfg.name})"
+            build = lambda cfg=cfg: backbones.build(cfg)  # noqa: E731 - built on a cache miss only
+            yield self._encode(ctx, split, extra, build, label=label)
 
     def posterior_samples(self, ctx: Any, split: Any) -> tuple[Tensor, Tensor, Tensor]:
         """``(text [N, T, D], image [N, I, D], valid [I])`` of every posterior sample."""

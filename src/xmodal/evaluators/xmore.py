@@ -46,18 +46,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
+from xmodal.evaluators.schemas import IndexConfig
 from xmodal.evaluators.zeroshot import (
     DEFAULT_TEMPLATES,
     Encoder,
@@ -68,7 +68,6 @@ from xmodal.evaluators.zeroshot import (
 )
 from xmodal.inputs import content_digest
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
-from xmodal.retrieval import tuning
 from xmodal.retrieval.cache import digest
 
 log = logging.getLogger(__name__)
@@ -82,45 +81,6 @@ ROW_CHUNK = 256  # rows per block of [S, C] work: small blocks stay in the CPU c
 # ------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class IndexConfig:
-    """The external image-text index (clip-retrieval layout) and how to query it."""
-
-    folder: str = MISSING  # image.index + metadata/*.parquet (+ xmodal_index.json)
-    collection: str | None = None  # build the index from this collection when missing/stale
-    backbone: str | None = None  # conf/backbone name of the index encoder; null: the run's
-    factory: str = "auto"  # faiss factory when building: auto | Flat | IVF4096,PQ64 | ...
-    max_memory: str = tuning.DEFAULT_MAX_MEMORY  # memory budget of an auto factory (building)
-    target_recall: float = tuning.DEFAULT_TARGET_RECALL  # building tunes nprobe for recall@K
-    nprobe: int | None = None  # IVF cells visited per query (null: the tuned value)
-    mmap: bool = False  # memory-map image.index (LAION-size indexes)
-    partition_size: int = 1_000_000  # items per img_emb/metadata partition when building
-    search_batch_size: int = 16384  # queries per faiss search call
-    aesthetic_embedding: str | None = None  # .npy vector a: q <- normalize(q + w a) (clip back)
-    aesthetic_weight: float = 0.5
-
-
-@dataclass
-class XMoReConfig:
-    """``evaluator=xmore``: retrieval-augmented zero-shot classification (module docstring)."""
-
-    _target_: str = "xmodal.evaluators.xmore.XMoReEvaluator"
-    index: IndexConfig = field(default_factory=IndexConfig)
-    coarse_k: int = 128  # K: nearest images of the coarse retrieval
-    k: int = 16  # captions kept after re-ranking
-    fine_backbone: str | None = None  # conf/backbone name of the re-ranking CLIP; null: the run's
-    rerank: str = "cosine"  # cosine | dot (released code) | none (indirect ablation)
-    normalizer: str = "minmax"  # minmax (paper) | l1 (released code) | none | equal
-    seeds: list[int] | None = None  # stream orders to evaluate; null: [seed]
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    caption_prefix: str = ""  # prepended to every caption (pushed code: "a_photo_of_a ")
-    logit_scale: float | None = None  # tau; null: the backbone's exp(logit_scale)
-    chunk_size: int = 2048  # samples per re-ranking / caption-encoding chunk
-    text_batch_size: int = 256
-    cache: bool = True
-    save_stream: bool = True
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ Reported in percent: ``test/acc1``, ``test/acc5`` (when there are >= 5 classes) 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,7 @@ from torch import nn
 
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
-
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
-
-
-@dataclass
-class ZeroShotConfig:
-    """``evaluator=zeroshot``: CLIP zero-shot top-1/top-5 accuracy."""
-
-    _target_: str = "xmodal.evaluators.zeroshot.ZeroShotEvaluator"
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    logit_scale: float | None = None  # null: the backbone's exp(logit_scale)
-    cache: bool = True
+from xmodal.evaluators.schemas import DEFAULT_TEMPLATES
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:

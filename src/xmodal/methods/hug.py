@@ -32,7 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from xmodal.distributed import gather_by_index, gather_with_grad
+from xmodal.methods.schemas import FC_NEGATIVES, HUGConfig
 from xmodal.probabilistic import exact, expected_distance, pairwise_sq_distance
 
 if TYPE_CHECKING:
@@ -52,47 +53,6 @@ log = logging.getLogger("xmodal")
 
 VARIANTS = ("paper", "official")
 TEXT_PASSES = ("skip", "zero_token", "cls")  # hug.md §2 options (a), (b), (c)
-FC_NEGATIVES = ("component", "instance", "modality")
-
-
-@dataclass
-class HUGConfig:
-    """``method=hug`` (methods/hug.md). The defaults are the paper's full model (Table 3 row 7)."""
-
-    _target_: str = "xmodal.methods.hug.HUG"
-    variant: str = "paper"  # paper | official (the released code, hug.md §8)
-    # -- model
-    text_pass: str | None = None  # skip | zero_token | cls; null: skip (paper), cls (official)
-    estimator_heads: int = 4
-    estimator_dropout: float = 0.1
-    # -- Table 3 ablation flags
-    prob: bool = True  # false: row 0, deterministic InfoNCE on mean-pooled normalised tokens
-    granularity: str = "fine"  # fine | global (row 1: one Gaussian per item, GPO-pooled sigma)
-    fc_neg: list[str] = field(default_factory=lambda: list(FC_NEGATIVES))  # eq 16 negatives
-    use_sigma_m: bool = True  # false: sigma_q^2 = mean(sigma_r^2, sigma_t^2) (rows 0-4)
-    fusion: str = "dynamic"  # dynamic (eqs 10-11) | static (mean over the sources)
-    # -- losses
-    lambda_fc: float = 0.5
-    lambda_cord: float = 0.1
-    hc_neg_scale: str = "batch"  # batch: B * mean over the B-1 negatives | sum: their sum
-    fc_on: str = "std"  # the vectors contrasted in eq 16: std (sigma) | var (sigma^2)
-    mismatch: str | None = None  # roll | randperm (texts of other triplets for eq 9); null: variant
-    point_temperature: float = 0.07  # row 0 InfoNCE
-    official_fc_temperature: float = 0.07
-    official_cord_margin: float = 0.2
-    # -- optimisation (hug.md §4)
-    lr: float = 3e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float | None = None  # null: 1e-7 (paper), 1e-8 (official)
-    weight_decay: float = 0.01
-    eta_min: float = 1e-6  # CosineAnnealingLR per epoch, T_max = trainer.max_epochs
-    grad_clip: float | None = 1.0  # gradient norm clipping
-    augment: bool = True  # flip + colour jitter on training images (the released code's)
-    max_words: int = 50  # blip_caption truncation
-    # -- evaluation
-    chunk_size: int = 256  # queries per ranking chunk
-    export_uncertainty: bool = True  # per-query uncertainties of the test split to the run dir
-    monitor: str = "val/avg"  # FashionIQ (R@10+R@50)/2 averaged over categories; CIRR (R@5+Rs@1)/2
 
 
 # ----------------------------------------------------------------------------------------------

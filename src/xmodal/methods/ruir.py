@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from xmodal.data.cir import CIRDataModule, EvalSubset
+from xmodal.methods.schemas import RUIRConfig
 from xmodal.probabilistic import (
     exact,
     kl_to_prior,
@@ -58,55 +59,6 @@ TOWERS = ("both", "image", "text", "none")
 UA_MODES = ("stacked", "parallel")
 CSU_SPACES = ("target", "query")
 DR_ON = ("normalized", "raw")
-
-
-@dataclass
-class RUIRConfig:
-    """``method=ruir`` (methods/ruir.md). [R] = reconstructed, [F] = the authors' framework."""
-
-    _target_: str = "xmodal.methods.ruir.RUIR"
-    # -- model (§2-3)
-    train_backbone: str = "both"  # [R] both | image | text | none
-    backbone_lr_scale: float = 0.1  # [R] backbone lr = lr x this
-    norm_inputs: bool = True  # [R] L2-normalise v_r, t (and v_t) before the UA blocks
-    n_ua: int = 2  # [R] UA blocks per branch
-    ua_mode: str = "stacked"  # [R] stacked | parallel
-    hidden_mult: int = 2  # [R] UA hidden width d_h = hidden_mult x d
-    dropout: float = 0.5  # [R] UA hidden dropout (CLIP4Cir/PLI combiner value)
-    # [R] log-variance head: zero weights and this bias; null: the bias that makes the initial
-    # noise norm sigma sqrt(d) init_noise_ratio x |mu| (any d); -5.0 is the spec's fixed value
-    logvar_init: float | None = None
-    init_noise_ratio: float = 0.1
-    logvar_range: list[float] = field(default_factory=lambda: [-60.0, 20.0])  # clamp, stability
-    norm_mean: bool = False  # L2-normalise every UA block's mean: sigma alone sets noise/signal
-    # -- losses (§4)
-    isu: bool = True  # stochastic ranking list (M samples); false: deterministic InfoNCE on mu
-    csu: bool = True
-    dr: bool = True
-    num_samples: int = 5  # [R] M
-    tau: float = 0.07  # [F]
-    learn_tau: bool = False  # learnable temperature initialised at tau
-    theta: float = 0.9  # [R] CSU similarity threshold
-    csu_space: str = "query"  # [B] query: cos(mu_s^i, mu_t^j) (the paper's "similarity above
-    # theta to the source feature"); [R] target: cos(mu_t^i, mu_t^j)
-    csu_replaces_isu: bool = False  # [R] L = lambda_CSU L_CSU + ... instead of L_ISU + ...
-    lambda_csu: float = 1.0  # [R]
-    lambda_dr: float = 0.1  # [R]
-    dr_on: str = "normalized"  # [R] W2 on L2-normalised means (normalized) or raw means
-    lambda_kl: float = 0.0  # KL of both Gaussians to N(0, s^2 I) per dimension (0: off)
-    kl_prior_std: float | None = None  # s; null: 1/sqrt(d), a noise norm of 1 = a unit mean's
-    # -- training (§5)
-    lr: float = 1e-5  # [F]
-    weight_decay: float = 5e-5  # [F]
-    warmup_epochs: int = 5  # [F] linear warm-up from gamma^2 x lr
-    milestones: list[int] = field(default_factory=lambda: [35, 45])  # [F] lr x gamma at each
-    gamma: float = 0.1  # [F]
-    early_stopping_patience: int | None = None  # [R] epochs without a better monitor value
-    text_mode: str = "both_orders"  # [F] xmodal.data.cir.TEXT_MODES
-    # -- evaluation
-    monitor: str = "val/R@10"  # best checkpoint (FashionIQ: mean over categories)
-    submission_split: str | None = "test1"  # CIRR: also write the test-server files for it
-    export_uncertainty: bool = True  # per-query uncertainty + calibration at test time
 
 
 # ----------------------------------------------------------------------------------------------

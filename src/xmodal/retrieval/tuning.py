@@ -35,13 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from xmodal.evaluators.schemas import INDEX_MAX_MEMORY, INDEX_TARGET_RECALL
 from xmodal.retrieval.search import order_candidates, topk
 
 log = logging.getLogger(__name__)
 
 FLAT_MAX = 1_000_000  # auto factory: exact search up to this many items (2 GB at d=512)
-DEFAULT_MAX_MEMORY = "32G"  # auto factory budget: LAION-400M at d=512 -> IVF65536,PQ64 (29 GB)
-DEFAULT_TARGET_RECALL = 0.95
+# the defaults live with the evaluator schema (torch-free), so the config layer stays cheap
+DEFAULT_MAX_MEMORY = INDEX_MAX_MEMORY  # LAION-400M at d=512 -> IVF65536,PQ64 (29 GB)
+DEFAULT_TARGET_RECALL = INDEX_TARGET_RECALL
 DEFAULT_TUNE_K = 128  # X-MoRe's K
 DEFAULT_TUNE_QUERIES = 1000
 IVF_ID_BYTES = 8  # an inverted list stores an int64 id beside each code
