@@ -85,7 +85,7 @@ HUG_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "matched_expected_distance": lambda f: matched_expected_distance(
         f["mu_q"], f["s_q"], f["mu_c"], f["s_c"]
     ),
-    "ranking score (eq 15)": lambda f: H._distance_score(
+    "ranking score (eq 15)": lambda f: H.distance_score(
         torch.stack([f["mu_q"].flatten(1), f["s_q"].flatten(1)], 1),
         torch.stack([f["mu_c"].flatten(1), f["s_c"].flatten(1)], 1),
     ),

@@ -11,6 +11,7 @@ from xmodal.metrics.calibration import confidence_bins as confidence_bins
 from xmodal.metrics.calibration import confidence_ece as confidence_ece
 from xmodal.metrics.calibration import rejection_area as rejection_area
 from xmodal.metrics.calibration import rejection_curve as rejection_curve
+from xmodal.metrics.calibration import uncertainty_calibration as uncertainty_calibration
 from xmodal.metrics.classification import entropy as entropy
 from xmodal.metrics.classification import entropy_confidence as entropy_confidence
 from xmodal.metrics.classification import mean_per_class_recall as mean_per_class_recall

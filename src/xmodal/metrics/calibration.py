@@ -234,3 +234,26 @@ def confidence_ece(confidence: Tensor, correct: Tensor, num_bins: int = 15) -> f
         return math.nan
     ece = binary_calibration_error(confidence.float(), correct.long(), n_bins=num_bins, norm="l1")
     return float(ece)
+
+
+def uncertainty_calibration(
+    uncertainty: Tensor, ranks: Tensor, ks: Sequence[int] = (1, 10), num_bins: int = 10
+) -> dict[str, float]:
+    """How well a per-query uncertainty predicts retrieval failure (confidence = -uncertainty).
+
+    ``ranks`` are the 0-based ranks of each query's target, so a hit at k is ``rank < k``. For
+    each k: ``k<k>/S``, ``k<k>/R2``, ``k<k>/-SR2`` over ``num_bins`` equal-width confidence bins
+    (:func:`calibration_scores`), ``k<k>/AUROC`` (higher is better) and ``k<k>/AURC`` (lower is
+    better) of the confidence for a hit; plus ``mean``, the mean uncertainty.
+    """
+    uncertainty = torch.as_tensor(uncertainty).detach().flatten().cpu()
+    ranks = torch.as_tensor(ranks).detach().flatten().cpu()
+    confidence = -uncertainty.double()
+    out = {"mean": float(uncertainty.mean())}
+    for k in ks:
+        hits = ranks < k
+        scores = calibration_scores(confidence_bins(confidence, hits, num_bins=num_bins))
+        scores["AUROC"] = confidence_auroc(confidence, hits)
+        scores["AURC"] = confidence_aurc(confidence, hits)
+        out.update({f"k{k}/{name}": value for name, value in scores.items()})
+    return out
