@@ -210,6 +210,7 @@ def _index_with_null_captions(tmp_path, factory="Flat", n=40):
     from PIL import Image
 
     from test_xmore_index import ENCODER, FakeEncoder, gallery_of
+    from xmodal.data.collection import read_collection
     from xmodal.retrieval import clip_index
 
     (tmp_path / "c" / "images").mkdir(parents=True)
@@ -218,7 +219,7 @@ def _index_with_null_captions(tmp_path, factory="Flat", n=40):
     captions = [None if i % 2 else f"caption {i}" for i in range(n)]
     table = pa.table({"image_path": [f"images/{i}.jpg" for i in range(n)], "caption": captions})
     pq.write_table(table, tmp_path / "c" / "metadata.parquet")
-    collection = clip_index.read_collection(tmp_path / "c" / "metadata.parquet")
+    collection = read_collection(tmp_path / "c" / "metadata.parquet")
     folder = tmp_path / "index"
     options = clip_index.IndexOptions(factory=factory, tune_k=8)
     clip_index.build(folder, collection, FakeEncoder(), ENCODER, options=options)

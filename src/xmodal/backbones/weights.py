@@ -472,3 +472,15 @@ def content_identity(path: str | Path) -> dict[str, Any]:
             size += real.stat().st_size
         return {"sha256": digest.hexdigest(), "size": size}
     raise WeightsNotFoundError(f"Backbone weights not found: {path} does not exist.")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load a weights file safely: (state dict, xmodal metadata or None).
+
+    See `read_file` (which also says what the file is).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"Backbone checkpoint file not found: {path.resolve()}.")
+    state, meta, _ = read_file(path)
+    return state, meta

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,8 @@ from xmodal.evaluators.zeroshot import (
     classification_split,
     image_logits,
 )
-from xmodal.inputs import content_digest
+from xmodal.inputs import content_digest, digest
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
-from xmodal.retrieval.cache import digest
 
 log = logging.getLogger(__name__)
 
@@ -326,13 +325,14 @@ class XMoReEvaluator:
     def prepare_index(self, ctx: EvalContext, encoder: Encoder) -> dict[str, Any]:
         """Identity of the index to query; builds it first when ``index.collection`` is set and
         the folder holds no index of that collection under that encoder."""
+        from xmodal.data.collection import read_collection
         from xmodal.retrieval import clip_index
 
         folder = Path(self.index.folder)
         info = clip_index.read_info(folder)
         encoder_id = _jsonable({"name": encoder.name, "identity": encoder.identity()})
         if self.index.collection:
-            collection = clip_index.read_collection(self.index.collection)
+            collection = read_collection(self.index.collection)
             current = info is not None and (folder / "image.index").exists()
             current = current and info.get("encoder") == encoder_id
             current = current and info.get("collection_digest") == collection.digest()
@@ -343,7 +343,7 @@ class XMoReEvaluator:
                 current = current and info.get(key) == value
             if not current:
                 log.info("building the X-MoRe index %s from %s", folder, collection.source)
-                encode_fn = clip_index.trainer_encode_fn(
+                encode_fn = trainer_encode_fn(
                     ctx.trainer,
                     encoder.model,
                     encoder.preprocess,
@@ -649,3 +649,31 @@ class XMoReEvaluator:
             rows.append(f"{t},{i},{y},{pi},{pt},{px},{ci!r},{ct!r},{wi!r},{wt!r}")  # exact floats
         path = Path(ctx.run_dir) / f"xmore_stream_seed{seed}.csv"
         atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def trainer_encode_fn(
+    trainer: Any,
+    model: torch.nn.Module,
+    preprocess: Callable,
+    tokenizer: Callable,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    on_corrupt: str = "skip",
+) -> Callable[[list[str], str], tuple[torch.Tensor, torch.Tensor]]:
+    """The ``EncodeFn`` of :func:`xmodal.retrieval.clip_index.build`, through a Lightning trainer
+    (``xmodal.retrieval.encode``):
+    DDP-sharded, images decoded with ``on_corrupt`` (``skip``: web collections have broken files,
+    their rows are dropped from the index)."""
+    from xmodal.data.images import ImageDataset
+    from xmodal.retrieval.encode import TextDataset, encode, text_collate
+
+    def encode_fn(items: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = {"batch_size": batch_size, "num_workers": num_workers}
+        if kind == "image":
+            dataset = ImageDataset(items, preprocess, on_corrupt=on_corrupt)
+            return encode(trainer, model, dataset, "image", **loader)
+        dataset = TextDataset(items)
+        return encode(trainer, model, dataset, "text", collate_fn=text_collate(tokenizer), **loader)
+
+    return encode_fn
