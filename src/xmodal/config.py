@@ -251,18 +251,12 @@ OPTION_SCHEMAS: dict[tuple[str, str], str] = {
 }
 
 
-def _load_schema(path: str) -> type | None:
-    """Import ``"module:Class"``; None while that module does not exist (not yet implemented)."""
+def _load_schema(path: str) -> type:
+    """Import ``"module:Class"`` (a torch-free schema module)."""
     import importlib
 
     module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
-    return getattr(module, attr)
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def register_configs() -> None:
@@ -274,9 +268,7 @@ def register_configs() -> None:
     for group, schema in _group_schemas().items():
         cs.store(group=group, name="_schema", node=schema)
     for (group, name), path in OPTION_SCHEMAS.items():
-        schema = _load_schema(path)
-        if schema is not None:
-            cs.store(group=group, name=f"_schema_{name}", node=schema)
+        cs.store(group=group, name=f"_schema_{name}", node=_load_schema(path))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -175,7 +174,3 @@ def build(
     table = table_config(name)
     rows = collect(table, extra_overrides)
     return rows, render(table, rows, out_dir, formats)
-
-
-def as_dict(rows: list[TableRow]) -> list[dict[str, Any]]:
-    return [row.__dict__ for row in rows]

@@ -70,6 +70,24 @@ def load_spec(cfg: BackboneConfig, config_key: str) -> dict[str, Any]:
     )
 
 
+def checked_spec(cfg: BackboneConfig, config_key: str, kind: str, image_size: int) -> dict:
+    """The architecture spec of a BLIP / BLIP-2 backbone, after the checks that need no weights:
+    no QuickGELU, a known precision, the ViT's own image size (``image_size`` when the spec
+    names none)."""
+    if cfg.quick_gelu:
+        raise ConfigError(f"backbone.quick_gelu is for open_clip only; set it to false for {kind}.")
+    if cfg.precision not in DTYPES:
+        raise ConfigError(f"backbone.precision={cfg.precision!r}: {kind} takes {list(DTYPES)}.")
+    spec = load_spec(cfg, config_key)
+    size = spec[config_key].get("vision_config", {}).get("image_size", image_size)
+    if cfg.image_size not in (None, size):
+        raise ConfigError(
+            f"backbone.image_size={cfg.image_size} but the {cfg.arch} ViT takes {size} px; "
+            f"set backbone.image_size={size} (or null)."
+        )
+    return spec
+
+
 def _hub_id(spec_name: str) -> str | None:
     spec = json.loads((MODEL_CONFIG_DIR / f"{spec_name}.json").read_text(encoding="utf-8"))
     return spec.get("hub_id")

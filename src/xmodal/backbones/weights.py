@@ -162,7 +162,7 @@ def hub_snapshot(repo: str, cache_dir: str | None, patterns: list[str]) -> tuple
 
 def _exporting_experiments(stem: str) -> list[str]:
     """Experiments (conf/experiment/**.yaml) whose `method.export_name` writes `<stem>.pt`."""
-    from xmodal.backbones import conf_dir
+    from xmodal.config import conf_dir
 
     found = []
     root = conf_dir() / "experiment"

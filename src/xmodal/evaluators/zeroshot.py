@@ -152,8 +152,9 @@ class Encoder:
 def backbone_config(run_cfg: DictConfig, name: str) -> Any:
     """``conf/backbone/<name>.yaml`` validated, its interpolations (``${paths...}``) resolved
     against the run config."""
-    from xmodal.backbones import conf_dir, list_backbones
+    from xmodal.backbones import list_backbones
     from xmodal.backbones.config import as_config
+    from xmodal.config import conf_dir
 
     path = Path(conf_dir()) / "backbone" / f"{name}.yaml"
     if not path.is_file():
