@@ -366,9 +366,11 @@ def open_dict(cfg: DictConfig):
 
 
 def list_configs(group: str, pattern: str = "*") -> list[str]:
-    """Names of the YAML options of a config group (``experiment`` is searched recursively)."""
+    """Names of the YAML options of a config group (``experiment`` is searched recursively).
+    Files named ``_<name>.yaml`` are parts the options share (``data/_shapes``), not options."""
     import fnmatch
 
     base = conf_dir() / group
-    names = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    paths = [p for p in base.rglob("*.yaml") if not p.name.startswith("_")]
+    names = sorted(str(p.relative_to(base).with_suffix("")) for p in paths)
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
