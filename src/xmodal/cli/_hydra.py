@@ -20,7 +20,13 @@ from omegaconf import DictConfig
 
 from xmodal.config import check_additions, conf_dir, register_configs
 from xmodal.console import headline, set_verbosity
-from xmodal.errors import EXIT_EXPECTED, ConfigError, expected_message, find_expected
+from xmodal.errors import (
+    EXIT_EXPECTED,
+    ConfigError,
+    XmodalError,
+    expected_message,
+    find_expected,
+)
 
 log = logging.getLogger("xmodal")
 
@@ -134,6 +140,14 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
 
             print(render(config_name))
             return None
+        if any(a in ("launcher=slurm", "launcher=local") for a in args):
+            from xmodal.extras import check
+
+            try:
+                check("hydra_plugins.hydra_submitit_launcher")
+            except XmodalError as err:
+                print(f"xmodal: {err}", file=sys.stderr)
+                sys.exit(EXIT_EXPECTED)
         register_configs()
         return _main()
 
