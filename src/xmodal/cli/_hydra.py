@@ -149,9 +149,22 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
                 print(f"xmodal: {err}", file=sys.stderr)
                 sys.exit(EXIT_EXPECTED)
         register_configs()
+        _skip_mode_composition(args)
         return _main()
 
     return main
+
+
+def _skip_mode_composition(args: list[str]) -> None:
+    """Hydra 1.3 composes the whole config once just to read ``hydra.mode`` before composing it
+    again for the job. xmodal's configs never set ``hydra.mode``, so the mode is the ``-m`` flag,
+    exactly what Hydra falls back to when ``get_mode`` finds nothing: skip that first composition
+    (a third of the start-up of every command) unless the command line sets ``hydra.mode``."""
+    if any(a.startswith(("hydra.mode=", "++hydra.mode=")) for a in args):
+        return
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
 
 
 class SweepSummary(Callback):
