@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, ...]] = [
     # data loaders read data; retrieval searches (and encodes, caches, indexes): neither imports
     # the other, nor backbones nor probabilistic
     ("data", "retrieval", "backbones", "probabilistic"),
-    ("config",),  # compose() and the torch-free schemas (the modules of SCHEMAS)
+    # compose() and the torch-free schemas (the modules of SCHEMAS); optional-dependency checks
+    ("config", "extras"),
     ("inputs", "errors"),  # file fingerprints of run inputs; the error types every layer raises
 ]
 #: Torch-free schema modules: they belong to the config layer, not to their package.

@@ -46,23 +46,27 @@ def conf_dir() -> Path:
 # Run identity
 # ----------------------------------------------------------------------------------------------
 
-#: Overrides that do not change a run's result, so they do not change its directory.
-NEUTRAL_OVERRIDE_PREFIXES = (
+#: Config keys that do not change a run's result: they change neither its directory (as
+#: overrides) nor whether a finished run is current (``xmodal.runs.result_config``).
+NEUTRAL_KEYS = (
     "force",
     "resume",
-    "experiment",
+    "print_config",
+    "verbose",
     "hydra",
     "logger",
-    "launcher",
     "paths",
+    "tags",
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.accelerator",
     "trainer.strategy",
     "trainer.enable_progress_bar",
     "data.num_workers",
-    "print_config",
 )
+#: Overrides that do not change a run's directory: the neutral keys, plus the experiment (it
+#: names the directory already) and the launcher (where the job runs).
+NEUTRAL_OVERRIDE_PREFIXES = (*NEUTRAL_KEYS, "experiment", "launcher")
 
 
 def _override_key(override: str) -> str:

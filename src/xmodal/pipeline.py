@@ -157,12 +157,27 @@ def _prepare(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     from xmodal.data.datamodule import check_data, ensure_shapes_world
 
+    check_extras(cfg)
     ensure_shapes_world(cfg.data, cfg.paths.shapes_dir, rank=run.rank)
     check_data(cfg.data, splits)  # a broken dataset stops here, before any model is built
     inputs.note_config_files(OmegaConf.to_container(cfg, resolve=True), skip=_NOT_WALKED)
     run.start()
     log.info("%s %s: run directory %s", cfg.task, cfg.run_name, run.path)
     return run, None
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """Stop before any work when the run needs an optional package that is not installed, with
+    the one line naming the extra that installs it (:mod:`xmodal.extras`)."""
+    from xmodal import extras
+
+    targets = [str(v.get("_target_", "")) for v in (cfg.get("logger") or {}).values()]
+    if any("Wandb" in t for t in targets):
+        extras.check("wandb")
+    if cfg.backbone.kind in ("blip", "blip2"):
+        extras.check("transformers")
+    if "xmore" in str(cfg.get("evaluator", {}).get("_target_", "")):
+        extras.check("faiss")
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:

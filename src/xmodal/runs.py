@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal import inputs
+from xmodal.config import NEUTRAL_KEYS
 from xmodal.errors import RunConflictError
 
 log = logging.getLogger("xmodal")
@@ -50,26 +51,8 @@ KEEP_ON_REDO = {"config.yaml", "overrides.yaml", "run.json", LOCK_FILE, PREVIOUS
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
-#: Config keys that do not change a run's result (nor its directory, cf. xmodal.config).
-NEUTRAL_KEYS = (
-    "force",
-    "resume",
-    "print_config",
-    "verbose",
-    "hydra",
-    "logger",
-    "paths",
-    "run_name",
-    "run_hash",
-    "run_dir",
-    "tags",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.accelerator",
-    "trainer.strategy",
-    "trainer.enable_progress_bar",
-    "data.num_workers",
-)
+#: Left out of the result-deciding config: the neutral keys, and the run's own name and place.
+RESULT_NEUTRAL = (*NEUTRAL_KEYS, "run_name", "run_hash", "run_dir")
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -142,10 +125,11 @@ def read_metrics(run_dir: Path | str) -> dict[str, Any]:
 
 
 def result_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config without the keys that do not change the result (``NEUTRAL_KEYS``)."""
+    """The resolved config without the keys that do not change the result
+    (``xmodal.config.NEUTRAL_KEYS``)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     out = json.loads(json.dumps(plain, default=str))  # a deep, JSON-typed copy
-    for key in NEUTRAL_KEYS:
+    for key in RESULT_NEUTRAL:
         *parents, last = key.split(".")
         node = out
         for part in parents:

@@ -93,7 +93,7 @@ def from_hf_names(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[
 
 def check_config(cfg: BackboneConfig) -> dict[str, Any]:
     """The architecture spec, after the checks that need no weights."""
-    return hf.checked_spec(cfg, CONFIG_KEY, "blip", image_size=384)
+    return hf.check_config(cfg, CONFIG_KEY, default_size=384)
 
 
 def resolve(cfg: BackboneConfig) -> tuple[dict[str, Any], Weights]:

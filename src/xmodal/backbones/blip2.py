@@ -156,7 +156,7 @@ def _ids_and_mask(tokens: Mapping[str, Tensor] | Tensor, emb: nn.Embedding) -> t
 
 def check_config(cfg: BackboneConfig) -> dict[str, Any]:
     """The architecture spec, after the checks that need no weights."""
-    return hf.checked_spec(cfg, CONFIG_KEY, "blip2", image_size=224)
+    return hf.check_config(cfg, CONFIG_KEY, default_size=224)
 
 
 def resolve(cfg: BackboneConfig) -> tuple[dict[str, Any], Weights]:

@@ -20,7 +20,13 @@ from omegaconf import DictConfig
 
 from xmodal.config import check_additions, conf_dir, register_configs
 from xmodal.console import headline, set_verbosity
-from xmodal.errors import EXIT_EXPECTED, ConfigError, expected_message, find_expected
+from xmodal.errors import (
+    EXIT_EXPECTED,
+    ConfigError,
+    XmodalError,
+    expected_message,
+    find_expected,
+)
 
 log = logging.getLogger("xmodal")
 
@@ -134,10 +140,31 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
 
             print(render(config_name))
             return None
+        if any(a in ("launcher=slurm", "launcher=local") for a in args):
+            from xmodal.extras import check
+
+            try:
+                check("hydra_plugins.hydra_submitit_launcher")
+            except XmodalError as err:
+                print(f"xmodal: {err}", file=sys.stderr)
+                sys.exit(EXIT_EXPECTED)
         register_configs()
+        _skip_mode_composition(args)
         return _main()
 
     return main
+
+
+def _skip_mode_composition(args: list[str]) -> None:
+    """Hydra 1.3 composes the whole config once just to read ``hydra.mode`` before composing it
+    again for the job. xmodal's configs never set ``hydra.mode``, so the mode is the ``-m`` flag,
+    exactly what Hydra falls back to when ``get_mode`` finds nothing: skip that first composition
+    (a third of the start-up of every command) unless the command line sets ``hydra.mode``."""
+    if any(a.startswith(("hydra.mode=", "++hydra.mode=")) for a in args):
+        return
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
 
 
 class SweepSummary(Callback):

@@ -279,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        from xmodal.extras import check
+
+        check("faiss")
         COMMANDS[args.command](args)
     except XmodalError as err:  # a broken collection or index folder, a corrupt image, ...
         print(f"\nxmodal-index: {expected_message(err)}\n", file=sys.stderr)

@@ -253,6 +253,16 @@ class EvalSubset:
             ),
         )  # fmt: skip
 
+    def to(self, device: torch.device | str) -> EvalSubset:
+        """The subset with its index tensors on ``device`` (where the embeddings are ranked)."""
+        target, members = self.target, self.members
+        return replace(
+            self,
+            reference=self.reference.to(device),
+            target=None if target is None else target.to(device),
+            members=None if members is None else members.to(device),
+        )
+
     def restrict(
         self, gallery_seen: Tensor, query_seen: Tensor
     ) -> tuple[EvalSubset, Tensor, Tensor]:

@@ -58,6 +58,7 @@ from torch import Tensor
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
 from xmodal.evaluators.schemas import IndexConfig
+from xmodal.evaluators.templates import check_templates, resolve_templates
 from xmodal.evaluators.zeroshot import (
     DEFAULT_TEMPLATES,
     Encoder,
@@ -219,7 +220,7 @@ class XMoReEvaluator:
         rerank: str = "cosine",
         normalizer: str = "minmax",
         seeds: Sequence[int] | None = None,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         caption_prefix: str = "",
         logit_scale: float | None = None,
         chunk_size: int = 2048,
@@ -236,11 +237,12 @@ class XMoReEvaluator:
             raise ValueError(f"evaluator.rerank must be one of {RERANKS}, got {rerank!r}")
         if not 1 <= k <= coarse_k:
             raise ValueError(f"need 1 <= evaluator.k <= evaluator.coarse_k, got {k}, {coarse_k}")
-        class_prompts(["x"], templates)  # a bad template fails at instantiation
+        check_templates(templates)  # a bad template or name fails at instantiation
         self.coarse_k, self.k = int(coarse_k), int(k)
         self.fine_backbone, self.rerank, self.normalizer = fine_backbone, rerank, normalizer
         self.seeds = None if seeds is None else [int(s) for s in seeds]
-        self.templates, self.caption_prefix = list(templates), caption_prefix
+        self.templates = templates if isinstance(templates, str) else list(templates)
+        self.caption_prefix = caption_prefix
         self.logit_scale = logit_scale
         self.chunk_size, self.text_batch_size = int(chunk_size), int(text_batch_size)
         self.use_cache, self.save_stream = cache, save_stream
@@ -252,8 +254,9 @@ class XMoReEvaluator:
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         self._check_index_source()
         backbone = Encoder.of_run(ctx)
+        templates = resolve_templates(self.templates, ctx.cfg.data.get("dataset"))
         classifier = build_classifier(
-            ctx, backbone, split.classnames, self.templates, self.text_batch_size
+            ctx, backbone, split.classnames, templates, self.text_batch_size
         )
         scale = backbone.logit_scale(self.logit_scale)
         logits, valid = image_logits(ctx, backbone, split, classifier, scale)
@@ -481,7 +484,12 @@ class XMoReEvaluator:
             "k": self.k,
             "prefix": self.caption_prefix,
             "backbone": backbone.identity(),
-            "prompts": digest(class_prompts(split.classnames, self.templates)),
+            "prompts": digest(
+                class_prompts(
+                    split.classnames,
+                    resolve_templates(self.templates, ctx.cfg.data.get("dataset")),
+                )
+            ),
             "scale": scale,
         }
 

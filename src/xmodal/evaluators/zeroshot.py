@@ -27,6 +27,7 @@ from torch import nn
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
 from xmodal.evaluators.schemas import DEFAULT_TEMPLATES
+from xmodal.evaluators.templates import check_templates, resolve_templates
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -209,12 +210,12 @@ class ZeroShotEvaluator:
 
     def __init__(
         self,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         logit_scale: float | None = None,
         cache: bool = True,
     ) -> None:
-        class_prompts(["x"], templates)  # a bad template fails at instantiation
-        self.templates = list(templates)
+        check_templates(templates)  # a bad template or name fails at instantiation
+        self.templates = templates if isinstance(templates, str) else list(templates)
         self.logit_scale = logit_scale
         self.use_cache = cache
 
@@ -224,7 +225,8 @@ class ZeroShotEvaluator:
         split = classification_split(ctx, "zeroshot")
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         encoder = Encoder.of_run(ctx)
-        classifier = build_classifier(ctx, encoder, split.classnames, self.templates)
+        templates = resolve_templates(self.templates, ctx.cfg.data.get("dataset"))
+        classifier = build_classifier(ctx, encoder, split.classnames, templates)
         logits, valid = image_logits(
             ctx, encoder, split, classifier, encoder.logit_scale(self.logit_scale)
         )
@@ -239,6 +241,7 @@ class ZeroShotEvaluator:
         )
         out.update(
             {
+                "test/num_templates": len(templates),
                 "test/num_samples": int(valid.sum()),
                 "test/num_classes": num_classes,
                 "test/skipped_images": int((~valid).sum()),

@@ -17,6 +17,10 @@ from xmodal.metrics.classification import entropy_confidence as entropy_confiden
 from xmodal.metrics.classification import mean_per_class_recall as mean_per_class_recall
 from xmodal.metrics.classification import top1_accuracy as top1_accuracy
 from xmodal.metrics.classification import topk_accuracy as topk_accuracy
+from xmodal.metrics.precision import map_at_r as map_at_r
+from xmodal.metrics.precision import precision_at_r as precision_at_r
+from xmodal.metrics.precision import r_precision as r_precision
+from xmodal.metrics.precision import ranked_hits as ranked_hits
 from xmodal.metrics.retrieval import cirr_recall_from_embeddings as cirr_recall_from_embeddings
 from xmodal.metrics.retrieval import fashioniq_average as fashioniq_average
 from xmodal.metrics.retrieval import image_text_recall as image_text_recall
