@@ -33,17 +33,30 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
-    """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks."""
-    from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint
+    """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks.
+
+    Training runs checkpoint on SIGTERM and on SLURM's requeue signal and carry the random state
+    in their checkpoints, so ``resume=auto`` continues exactly (:mod:`xmodal.callbacks`). Inside
+    a SLURM job Lightning joins the job's tasks (one per rank); its own auto-requeue (SIGUSR1,
+    ``hpc_ckpt_*.ckpt`` outside ``checkpoints/``) is off, the callbacks do that job.
+    """
+    from xmodal.callbacks import (
+        BestWeightsAfterFit,
+        CheckpointOnSignal,
+        ConfigInCheckpoint,
+        ExactResume,
+    )
     from xmodal.loggers import ContinueLogs
 
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
         callbacks = [
+            ContinueLogs(),  # first: before any callback logs a row for the first batch
             *_instantiate_group(cfg.get("callbacks")),
             ConfigInCheckpoint(cfg),
-            ContinueLogs(),
+            ExactResume(),
+            CheckpointOnSignal(cfg.run_dir),
         ]
         test_ckpt = cfg.get("test_ckpt", "best")
         if test_ckpt not in ("best", "last"):
@@ -54,6 +67,10 @@ def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     else:
         # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler)
         kwargs.update(logger=False, enable_checkpointing=False, use_distributed_sampler=False)
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(kwargs)
     return instantiate(trainer_cfg)
@@ -149,7 +166,7 @@ def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, 
     try:
         model, preprocess, tokenizer = _build_backbone(cfg)
         trainer = build_trainer(cfg, training=False)
-        run.note(world_size=trainer.world_size)
+        _note_trainer(run, trainer)
         evaluator = instantiate(cfg.evaluator)
         ctx = EvalContext(
             cfg=cfg,
@@ -186,7 +203,7 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         method_cls = get_class(cfg.method._target_)
         module, datamodule = method_cls.from_config(cfg)
         trainer = build_trainer(cfg, training=True)
-        run.note(world_size=trainer.world_size)
+        _note_trainer(run, trainer)
         ckpt_path = _resume_path(cfg)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, Any] = {
@@ -210,6 +227,16 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         raise
     finally:
         _finish_loggers(trainer)
+
+
+def _note_trainer(run: RunDir, trainer: pl.Trainer) -> None:
+    """Record how the run is spread: world size and who started its processes (Lightning's
+    cluster environment: SLURMEnvironment under SLURM, LightningEnvironment when it spawns)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    run.note(
+        world_size=trainer.world_size,
+        cluster_environment=type(environment).__name__ if environment is not None else None,
+    )
 
 
 def _resume_path(cfg: DictConfig) -> str | None:
