@@ -2,6 +2,8 @@
 
 Selected by ``launcher=slurm`` (``conf/launcher/slurm.yaml``). On top of submitit's launcher:
 
+- a job whose run is finished and current (config and inputs unchanged) is not submitted: the
+  sweep reports it as skipped without queueing an allocation that would only skip it;
 - before submitting, the request is fitted to what ``sinfo`` says the partition offers (CPUs per
   task, memory, GPUs; :func:`xmodal.slurm.fit_request`), and a request no node can hold stops
   with one paragraph instead of an sbatch error;
@@ -21,6 +23,7 @@ from there; it is imported by Hydra's plugin scan and so imports nothing heavy a
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,27 @@ ConfigStore.instance().store(
 _XMODAL_KEYS = ("resume", "fit_to_partition")
 
 
+def make_executor(params: dict[str, Any]) -> Any:
+    """The submitit executor for the launcher's (fitted) parameters; its
+    ``_executor._make_submission_file_text(command, uid)`` is the sbatch script jobs get."""
+    import submitit
+
+    executor = submitit.AutoExecutor(
+        cluster="slurm",
+        folder=params["submitit_folder"],
+        slurm_max_num_timeout=params.get("max_num_timeout", 0),
+    )
+    base = set(BaseQueueConf.__dataclass_fields__)  # submitit's own names; the rest: slurm_*
+    executor.update_parameters(
+        **{
+            (k if k in base else f"slurm_{k}"): v
+            for k, v in params.items()
+            if k not in ("submitit_folder", "max_num_timeout", *_XMODAL_KEYS)
+        }
+    )
+    return executor
+
+
 class XmodalSlurmLauncher(SlurmLauncher):
     def __init__(self, **params: Any) -> None:
         self.resume = params.pop("resume", "auto")
@@ -73,9 +97,12 @@ class XmodalSlurmLauncher(SlurmLauncher):
         restarts = restart_count()
         if restarts:
             sweep_overrides = continue_overrides(sweep_overrides)
-            log.info(
-                "SLURM restarted this job (attempt %d): continuing its run with resume=auto",
-                restarts + 1,
+            # before Hydra configures logging in the job: printed, not logged
+            print(
+                f"xmodal: SLURM restarted this job (attempt {restarts + 1}): continuing its run "
+                "with resume=auto",
+                file=sys.stderr,
+                flush=True,
             )
         return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
 
@@ -111,19 +138,29 @@ class XmodalSlurmLauncher(SlurmLauncher):
             log.warning(note)
         return params
 
-    def _run_dir(self, overrides: Sequence[str]) -> str:
-        """The run directory of one job of the sweep (as the job will compute it)."""
+    def _plan(self, overrides: Sequence[str]) -> tuple[str, bool]:
+        """The run directory of one job of the sweep (as the job will compute it) and whether it
+        holds a finished run whose config and inputs are unchanged: such a job is not submitted
+        (the job would only skip it), and is reported as skipped."""
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
+        from omegaconf import OmegaConf, open_dict
+
+        from xmodal.runs import RunDir, is_finished
 
         assert self.hydra_context is not None and self.config is not None
         previous = HydraConfig.instance().cfg
         try:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             HydraConfig.instance().set_config(cfg)
-            return str(OmegaConf.select(cfg, "run_dir"))
-        except Exception:  # noqa: BLE001 - only a label for the summary
-            return "job " + " ".join(overrides)
+            run_dir = str(OmegaConf.select(cfg, "run_dir"))
+            if cfg.get("force") or not is_finished(run_dir):
+                return run_dir, False
+            with open_dict(cfg):
+                del cfg["hydra"]
+            OmegaConf.resolve(cfg)
+            return run_dir, RunDir(cfg, list(overrides)).stale_reason() is None
+        except Exception:  # noqa: BLE001 - the job itself decides; this is only a shortcut
+            return "job " + " ".join(overrides), False
         finally:
             if previous is not None:
                 HydraConfig.instance().set_config(previous)
@@ -131,7 +168,6 @@ class XmodalSlurmLauncher(SlurmLauncher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        import submitit
         from hydra.core.singleton import Singleton
         from hydra.core.utils import filter_overrides
         from submitit.slurm.slurm import SlurmJob
@@ -142,44 +178,40 @@ class XmodalSlurmLauncher(SlurmLauncher):
         from xmodal.slurm import with_resume
 
         assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
+        results: list[JobReturn | None] = []
+        todo: list[tuple[int, list[str], str]] = []  # (position, overrides, run dir)
+        jobs_args = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            overrides = with_resume(overrides, self.resume)
+            run_dir, finished = self._plan(overrides)
+            shown = " ".join(filter_overrides(overrides))
+            if finished:
+                log.info("\t#%d : %s  (finished and current: skipped, no job)", idx, shown)
+                record_outcome(Path(run_dir), "skipped")
+                results.append(JobReturn(overrides=overrides, status=JobStatus.COMPLETED))
+                continue
+            log.info("\t#%d : %s", idx, shown)
+            todo.append((len(results), overrides, run_dir))
+            results.append(None)
+            jobs_args.append(
+                (overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
+            )
+        if not todo:
+            return [r for r in results if r is not None]
+
         try:
             params = self._fitted_params()
         except XmodalError as err:
             exit_expected(err)
         if not isinstance(SlurmJob.watcher, SqueueFallbackWatcher):
             SlurmJob.watcher = SqueueFallbackWatcher(delay_s=60)
-
-        init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(
-            cluster="slurm",
-            folder=params["submitit_folder"],
-            slurm_max_num_timeout=params.get("max_num_timeout", 0),
-        )
-        base = set(BaseQueueConf.__dataclass_fields__)  # submitit's own names; the rest: slurm_*
-        executor.update_parameters(
-            **{
-                (k if k in base else f"slurm_{k}"): v
-                for k, v in params.items()
-                if k not in init_keys and k not in _XMODAL_KEYS
-            }
-        )
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("Submitit 'slurm' sweep output dir : %s", sweep_dir)
-        jobs_args = []
-        overrides_of = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            overrides = with_resume(overrides, self.resume)
-            overrides_of.append(overrides)
-            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            jobs_args.append(
-                (overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state())
-            )
-        jobs = executor.map_array(self, *zip(*jobs_args))
-        results = []
-        for job, overrides in zip(jobs, overrides_of):
+        jobs = make_executor(params).map_array(self, *zip(*jobs_args))
+        for job, (position, overrides, run_dir) in zip(jobs, todo):
             try:
-                results.append(job.results()[0])
+                results[position] = job.results()[0]
             except Exception as err:  # noqa: BLE001 - the job died; the summary reports it
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 message = (
@@ -187,6 +219,6 @@ class XmodalSlurmLauncher(SlurmLauncher):
                     f"{first}); its log: {job.paths.stderr}"
                 )
                 log.error(message)
-                record_outcome(Path(self._run_dir(overrides)), "failed", message)
-                results.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED))
-        return results
+                record_outcome(Path(run_dir), "failed", message)
+                results[position] = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+        return [r for r in results if r is not None]

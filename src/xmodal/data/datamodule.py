@@ -216,6 +216,16 @@ class ResumableLoader(DataLoader):
         """Start the next pass, if it is ``epoch``, after its first ``batches`` batches."""
         self._resume_at = (epoch, batches)
 
+    # Lightning's interface for resumable loaders: it stores the position with the fit loop and
+    # hands it back before the resumed epoch's iterator is built, except when the loader was
+    # built before the checkpoint was restored (``estimated_stepping_batches``, used by
+    # schedulers); ExactResume covers that case the same way.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(int(state["epoch"]), int(state["batches"]))
+
     def __iter__(self):
         sampler = self.sampler
         epoch = getattr(sampler, "epoch", 0)
