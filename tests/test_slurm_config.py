@@ -298,3 +298,16 @@ def test_interrupted_attempts_are_recorded(tmp_path):
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "interrupted" and not (tmp_path / "run" / "run.lock").exists()
     assert info["interrupted"][0]["reason"].startswith("TrainingStopped: SIGUSR2 during training")
+
+
+def test_a_signal_waits_for_the_validation_that_follows_its_batch():
+    from types import SimpleNamespace
+
+    from xmodal.callbacks import _evaluation_follows
+
+    per_epoch = SimpleNamespace(num_training_batches=6, val_check_batch=6, global_step=9)
+    assert not _evaluation_follows(per_epoch, 2) and _evaluation_follows(per_epoch, 5)
+    thrice = SimpleNamespace(num_training_batches=6, val_check_batch=2, global_step=9)
+    assert _evaluation_follows(thrice, 1) and not _evaluation_follows(thrice, 2)
+    none = SimpleNamespace(num_training_batches=6, val_check_batch=float("inf"), global_step=3)
+    assert not _evaluation_follows(none, 2) and _evaluation_follows(none, 5)
