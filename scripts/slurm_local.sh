@@ -168,7 +168,11 @@ cmd_stop() {
       pid=$(cat "$pidfile")
       kill "$pid"
       for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && die "pid $pid (from $pidfile) did not stop"
     fi
+    # slurmctld, running as SlurmUser, cannot remove its pid file from /run; a stale one makes
+    # the package's removal script call scancel against a controller that is gone
+    rm -f "$pidfile"
   done
   say "stopped"
 }
