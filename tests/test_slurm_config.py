@@ -311,3 +311,21 @@ def test_a_signal_waits_for_the_validation_that_follows_its_batch():
     assert _evaluation_follows(thrice, 1) and not _evaluation_follows(thrice, 2)
     none = SimpleNamespace(num_training_batches=6, val_check_batch=float("inf"), global_step=3)
     assert not _evaluation_follows(none, 2) and _evaluation_follows(none, 5)
+
+
+def test_random_state_survives_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from xmodal.callbacks import _random_state, _set_random_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.rand(3), np.random.rand(), np.random.randn(), random.random()  # mid-stream states
+    torch.save({"state": _random_state()}, tmp_path / "c.ckpt")
+    draws = (torch.rand(4), np.random.rand(2), np.random.randn(), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    _set_random_state(torch.load(tmp_path / "c.ckpt", weights_only=True)["state"])
+    again = (torch.rand(4), np.random.rand(2), np.random.randn(), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
+    assert draws[2:] == again[2:]

@@ -73,8 +73,17 @@ def _set_random_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning(
+                "the checkpoint holds the CUDA random state of %d device(s), this process sees "
+                "%d: the CUDA random state is not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
 
 
 class ExactResume(pl.Callback):
@@ -107,7 +116,9 @@ class ExactResume(pl.Callback):
             "loader_position": getattr(loader, "position", None),
             # the last validation's metrics: a run resumed after its last epoch reports them
             "callback_metrics": {
-                k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if not isinstance(v, torch.Tensor) or v.numel() == 1
             },
         }
 
