@@ -145,6 +145,21 @@ DEBUG = Partition("debug", (NodeKind(cpus=2, mem_mb=21694, gpus=0),))
 GPU = Partition("gpu", (NodeKind(cpus=64, mem_mb=515000, gpus=8),))
 
 
+def test_a_partition_sinfo_does_not_list_stops_before_submission(monkeypatch):
+    from xmodal import slurm
+
+    def sinfo(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, stdout=SINFO, stderr="")
+
+    monkeypatch.setattr(slurm.subprocess, "run", sinfo)
+    assert slurm.read_partition(None).name == "debug"
+    assert slurm.read_partition("gpu").max_gpus == 8
+    with pytest.raises(ConfigError, match=r"no such partition; it lists debug\*, gpu, mixed"):
+        slurm.read_partition("gpus")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: (_ for _ in ()).throw(OSError))
+    assert slurm.read_partition("gpu") is None  # no sinfo here: nothing to check against
+
+
 def test_request_fitted_to_a_small_cpu_partition():
     cpu = {"tasks_per_node": 1, "cpus_per_task": 4, "mem_gb": 16, "gpus_per_node": None}
     fitted, notes = fit_request(cpu, DEBUG, "cpu")

@@ -146,15 +146,24 @@ def parse_sinfo(text: str, partition: str | None) -> Partition | None:
 
 def read_partition(partition: str | None) -> Partition | None:
     """What ``sinfo`` says about ``partition`` (None: the default partition); None when sinfo is
-    missing, fails, or does not list it."""
-    cmd = ["sinfo", "-h", "-o", SINFO_FORMAT]
-    if partition:
-        cmd += ["-p", str(partition)]
+    missing or fails. A partition sinfo does not list stops with the ones it does list."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return parse_sinfo(out, partition)
+    if out.returncode != 0:
+        return None
+    found = parse_sinfo(out.stdout, partition)
+    if found is None and out.stdout.strip():
+        names = sorted({line.split("|", 1)[0] for line in out.stdout.splitlines() if "|" in line})
+        raise ConfigError(
+            f"hydra.launcher.partition={partition or '(the default)'}: sinfo lists no such "
+            f"partition; it lists {', '.join(names)} (* marks the default). Fix: "
+            "hydra.launcher.partition=<one of them>."
+        )
+    return found
 
 
 def fit_request(
