@@ -118,6 +118,9 @@ def _run_name(experiment: str | None) -> str:
 
 
 def _register_resolvers() -> None:
+    from xmodal.slurm import register_resolvers as register_slurm_resolvers
+
+    register_slurm_resolvers()  # xmodal.slurm_tasks, xmodal.slurm_gpus, xmodal.times
     if not OmegaConf.has_resolver("xmodal.run_hash"):
         OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
@@ -281,6 +284,7 @@ def register_configs() -> None:
         schema = _load_schema(path)
         if schema is not None:
             cs.store(group=group, name=f"_schema_{name}", node=schema)
+    import hydra_plugins.xmodal_slurm  # noqa: F401 - stores hydra/launcher=xmodal_slurm
 
 
 # ----------------------------------------------------------------------------------------------
