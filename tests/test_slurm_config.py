@@ -81,7 +81,7 @@ def test_launcher_composes_to_sbatch_parameters_of_the_trainer(
 ):
     params = _launcher(*trainer)
     assert tuple(params[k] for k in KEYS) == expected
-    assert params["_target_"] == "hydra_plugins.xmodal_slurm.XmodalSlurmLauncher"
+    assert params["_target_"] == "xmodal.cli._slurm.XmodalSlurmLauncher"
     assert params["resume"] == "auto" and params["signal_delay_s"] == 120
     assert params["max_num_timeout"] == 10 and params["name"] == "xmodal-train"
     lines = _sbatch(params, monkeypatch)

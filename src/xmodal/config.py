@@ -12,6 +12,7 @@ command-line overrides that change the result (not ``force``, ``resume``, logger
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -284,7 +285,10 @@ def register_configs() -> None:
         schema = _load_schema(path)
         if schema is not None:
             cs.store(group=group, name=f"_schema_{name}", node=schema)
-    import hydra_plugins.xmodal_slurm  # noqa: F401 - stores hydra/launcher=xmodal_slurm
+    # stores hydra/launcher=xmodal_slurm; only with the slurm extra (the CLI names the extra to
+    # install when launcher=slurm is asked for without it)
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        import hydra_plugins.xmodal_slurm  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
