@@ -3,7 +3,8 @@
 # core dependencies into a fresh virtualenv (no extras), and use it from another folder:
 #   - `xmodal-eval --version` and `--cfg job experiment=shapes/retrieval` (configs inside the wheel);
 #   - one tiny shapes evaluation with the CSV logger;
-#   - logger=wandb without the extra stops with exit code 2 and the one-line install hint.
+#   - logger=wandb and launcher=slurm without their extras stop with exit code 2 and the one-line
+#     install hint.
 # Used by .ci/run after `make test`. The core virtualenv is cached, keyed on the core dependency
 # list (XMODAL_CI_CACHE, default ~/.cache/xmodal-ci); a cold run builds it from nothing.
 set -euo pipefail
@@ -64,6 +65,15 @@ rc=$?
 set -e
 if [ "$rc" -ne 2 ] || ! grep -q "pip install 'xmodal\[wandb\]'" <<<"$out"; then
   echo "package: logger=wandb without the extra should exit 2 with the install hint (rc=$rc):"
+  echo "$out" | tail -20
+  exit 1
+fi
+set +e
+out=$("$venv/bin/xmodal-eval" -m launcher=slurm experiment=shapes/retrieval_untrained 2>&1)
+rc=$?
+set -e
+if [ "$rc" -ne 2 ] || ! grep -q "pip install 'xmodal\[slurm\]'" <<<"$out"; then
+  echo "package: launcher=slurm without the extra should exit 2 with the install hint (rc=$rc):"
   echo "$out" | tail -20
   exit 1
 fi

@@ -12,6 +12,7 @@ command-line overrides that change the result (not ``force``, ``resume``, logger
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ def _run_name(experiment: str | None) -> str:
 
 
 def _register_resolvers() -> None:
+    from xmodal.slurm import register_resolvers as register_slurm_resolvers
+
+    register_slurm_resolvers()  # xmodal.slurm_tasks, xmodal.slurm_gpus, xmodal.times
     if not OmegaConf.has_resolver("xmodal.run_hash"):
         OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
@@ -273,6 +277,10 @@ def register_configs() -> None:
         cs.store(group=group, name="_schema", node=schema)
     for (group, name), path in OPTION_SCHEMAS.items():
         cs.store(group=group, name=f"_schema_{name}", node=_load_schema(path))
+    # stores hydra/launcher=xmodal_slurm; only with the slurm extra (the CLI names the extra to
+    # install when launcher=slurm is asked for without it)
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        import hydra_plugins.xmodal_slurm  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------

@@ -425,8 +425,18 @@ class RunDir:
             return
         if not self.lock.held:
             return  # the run never started here (e.g. another process holds it)
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self._update_run_info(status=status, error=f"{type(error).__name__}: {error}")
+        error_text = f"{type(error).__name__}: {error}"
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, a signal, a requeue
+            info = self.info()
+            attempt = {k: info.get(k) for k in ("started", "pid", "host", "slurm_job_id")}
+            attempt["reason"] = error_text
+            self._update_run_info(
+                status="interrupted",
+                error=error_text,
+                interrupted=[*info.get("interrupted", []), attempt],
+            )
+        else:
+            self._update_run_info(status="failed", error=error_text)
         self.lock.release()
 
     def info(self) -> dict[str, Any]:
