@@ -118,6 +118,24 @@ def _run_name(experiment: str | None) -> str:
     return str(experiment) if experiment not in (None, "None", "null", "") else "default"
 
 
+def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0) -> str:
+    """The suffix of the shapes world's folder: "" (default world), "-ambiguity", or
+    "-ambiguity-noise<p>" (``data.shapes_ambiguity``, ``data.shapes_pool_noise``)."""
+    noise = float(pool_noise or 0.0)
+    if str(ambiguity).lower() not in ("true", "false", "none", "0", "1"):
+        raise ConfigError(f"data.shapes_ambiguity must be true or false, got {ambiguity!r}")
+    if str(ambiguity).lower() not in ("true", "1"):
+        if noise:
+            raise ConfigError(
+                f"data.shapes_pool_noise={noise} only applies to the ambiguity world: add "
+                "data.shapes_ambiguity=true"
+            )
+        return ""
+    if not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"data.shapes_pool_noise must be in [0, 1], got {noise}")
+    return "-ambiguity" + (f"-noise{noise:g}" if noise else "")
+
+
 def _register_resolvers() -> None:
     from xmodal.slurm import register_resolvers as register_slurm_resolvers
 
@@ -126,6 +144,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
         OmegaConf.register_new_resolver("xmodal.run_name", _run_name)
+    if not OmegaConf.has_resolver("xmodal.shapes_variant"):
+        OmegaConf.register_new_resolver("xmodal.shapes_variant", shapes_variant)
     if not OmegaConf.has_resolver("xmodal.wandb_id"):
         # one logger run id per run directory: a resumed job logs into the same W&B run
         OmegaConf.register_new_resolver(
@@ -165,6 +185,10 @@ class DataConfig:
     protocol: str = "clip4cir"  # FashionIQ evaluation protocol (datasets/cir.md §1.3)
     remove_reference: bool | None = None
     shapes_world: str | None = None  # small | medium: write the shapes world here if missing
+    shapes_ambiguity: bool = False  # the ambiguity world (per-item ambiguity.json) instead
+    shapes_pool_noise: float = 0.0  # ambiguity world: share of X-MoRe pool captions that are wrong
+    shapes_variant: str = ""  # "", "-ambiguity" or "-ambiguity-noise<p>" (xmodal.shapes_variant)
+    shapes_dir: str | None = None  # the shapes world read: paths.shapes_dir + shapes_variant
     batch_size: int = 64
     num_workers: int = 0
     on_corrupt: str = "fail"  # fail | skip

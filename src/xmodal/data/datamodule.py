@@ -24,7 +24,8 @@ FAMILIES = ("coco", "flickr30k", "fashioniq", "cirr", "imagenet", "coop")
 
 
 def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int = 0) -> None:
-    """Write the shapes world at ``shapes_dir`` if ``data.shapes_world`` names a size.
+    """Write the shapes world if ``data.shapes_world`` names a size: at ``data.shapes_dir`` (else
+    ``shapes_dir``), the ambiguity world when ``data.shapes_ambiguity`` is true.
 
     Only rank 0 writes (atomically); other ranks wait for the manifest.
     """
@@ -33,9 +34,15 @@ def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int 
         return
     from xmodal.data.shapes import write_world
 
+    shapes_dir = data_cfg.get("shapes_dir") or shapes_dir
+    ambiguity = (
+        {"pool_noise": float(data_cfg.get("shapes_pool_noise") or 0.0)}
+        if data_cfg.get("shapes_ambiguity")
+        else False
+    )
     manifest = Path(shapes_dir) / "MANIFEST.json"
     if rank == 0:
-        write_world(shapes_dir, seed=0, size=size)
+        write_world(shapes_dir, seed=0, size=size, ambiguity=ambiguity)
         return
     deadline = time.time() + 600
     while not manifest.is_file():

@@ -1,0 +1,361 @@
+"""Controlled ambiguity for the shapes world, drawn per item and recorded in ``ambiguity.json``.
+
+``write_world(root, seed, size, ambiguity=True)`` writes the scenes, triplets and classes of the
+default world (every draw made here comes from a second generator per dataset, so the writers'
+own random streams are untouched), then makes a ``fraction`` of the items ambiguous and records,
+for every item, its level in [0, 1] and its kind (:mod:`xmodal.data.ambiguity` lists the item
+ids). Clear items (level 0, kind ``none``) are described fully, so the level orders how much of
+the item's content can still be read from it:
+
+images: COCO/Flickr30k images, FashionIQ references (a degraded copy of the reference image is
+written under a new name and the query points at it), ImageNet and CoOp test images
+    blur       Gaussian blur of radius 3 px x level
+    occlusion  a grey square over the centre of every object, its side level x the object's width
+    contrast   contrast scaled by 1 - 0.9 x level towards the mean grey
+    clutter    round(24 x level) random strokes drawn over the image
+captions (COCO, Flickr30k): clear ones name every object with size, fill, colour, shape and place
+    vague      0.25: colour and shape of every object; 0.5: one of the two per object;
+               0.75: the number of objects ("two shapes"); 1: nothing ("some shapes")
+composed-retrieval texts (FashionIQ: both texts of a triplet; CIRR: the instruction)
+    vague      1/3: the object and the kind of change, not the new value ("change the colour of
+               the red circle"); 2/3: only that one shape changes; 1: "change something"
+    conflict   the text contradicts the reference (HUG's multi-modal coordination): 0.5 it names
+               the changed object with a colour the reference does not give it; 1 it names an
+               object the reference does not hold (another colour and shape). Changes without an
+               object in the reference (add, background) are made vague instead.
+X-MoRe pool (``pool/``): every caption names the main object with its fine attributes; with
+probability ``pool_noise`` a caption is replaced by the caption of a random other pool image
+    noise      level 1: the caption belongs to another image
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+from xmodal.data.ambiguity import CLEAR, FILE, FORMAT, Item
+from xmodal.data.shapes.captions import (
+    _NUMBERS,
+    _POS_AT,
+    _PREFIX,
+    _article,
+    _change,
+    _join,
+    _noun,
+    _refer,
+    describe_change,
+)
+from xmodal.data.shapes.rendering import object_box
+from xmodal.data.shapes.scenes import COLOURS, SHAPES, Scene, SceneObject
+
+IMAGE_KINDS: tuple[str, ...] = ("blur", "occlusion", "contrast", "clutter")
+CAPTION_KINDS: tuple[str, ...] = ("vague",)
+CIR_KINDS: tuple[str, ...] = ("vague", "conflict")
+POOL_KINDS: tuple[str, ...] = ("noise",)
+#: the levels a kind takes: a grid for the discrete kinds, (low, high) for the image degradations
+CAPTION_LEVELS = (0.25, 0.5, 0.75, 1.0)
+TEXT_LEVELS = (round(1 / 3, 4), round(2 / 3, 4), 1.0)
+CONFLICT_LEVELS = (0.5, 1.0)
+IMAGE_LEVELS = (0.1, 1.0)
+_GREY = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class Ambiguity:
+    """What the ambiguity world injects: ``fraction`` of the items of every dataset get a kind and a
+    level > 0; ``pool_noise`` of the X-MoRe pool captions belong to another image."""
+
+    fraction: float = 0.5
+    pool_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("fraction", "pool_noise"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ambiguity {name} must be in [0, 1], got {value}")
+
+    def record(self) -> dict[str, float]:
+        return {"fraction": self.fraction, "pool_noise": self.pool_noise}
+
+
+def draw_level(rng: random.Random, kind: str) -> float:
+    """A level > 0 for an item of ``kind``."""
+    if kind in IMAGE_KINDS:
+        return round(rng.uniform(*IMAGE_LEVELS), 2)
+    if kind == "conflict":
+        return rng.choice(CONFLICT_LEVELS)
+    if kind == "vague":
+        raise ValueError("vague levels depend on what is vague: draw from CAPTION/TEXT_LEVELS")
+    return 1.0
+
+
+class Recorder:
+    """Draws the ambiguity of one dataset's items (from its own generator) and records it per
+    sidecar folder; :meth:`sidecars` gives the ``ambiguity.json`` files to write."""
+
+    def __init__(self, spec: Ambiguity, rng: random.Random) -> None:
+        self.spec, self.rng = spec, rng
+        self._items: dict[str, dict[str, dict[str, object]]] = {}
+        self._kinds: dict[str, set[str]] = {}
+
+    def draw(self, kinds: Sequence[str], levels: Sequence[float] | None = None) -> Item:
+        """Clear with probability 1 - fraction, else a kind of ``kinds`` and its level (from
+        ``levels`` when given)."""
+        if self.rng.random() >= self.spec.fraction:
+            return Item(0.0)
+        kind = self.rng.choice(list(kinds))
+        level = self.rng.choice(list(levels)) if levels else draw_level(self.rng, kind)
+        return Item(level, kind)
+
+    def add(self, folder: str, item_id: str, item: Item, kinds: Sequence[str]) -> None:
+        """Record ``item`` under ``item_id`` in the sidecar of ``folder`` (world-relative)."""
+        items = self._items.setdefault(folder, {})
+        if item_id in items:
+            raise ValueError(f"duplicate ambiguity item {item_id!r} in {folder}")
+        items[item_id] = {"level": item.level, "kind": item.kind}
+        self._kinds.setdefault(folder, set()).update(kinds)
+
+    def sidecars(self) -> dict[str, dict]:
+        """``world-relative path -> content`` of every ``ambiguity.json`` of this dataset."""
+        return {
+            f"{folder}/{FILE}": {
+                "format": FORMAT,
+                "fraction": self.spec.fraction,
+                "pool_noise": self.spec.pool_noise,
+                "kinds": sorted(self._kinds[folder]),
+                "items": items,
+            }
+            for folder, items in self._items.items()
+        }
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def degrade(img: Image.Image, scene: Scene, item: Item) -> Image.Image:
+    """``img`` (the rendering of ``scene``) degraded by ``item.kind`` at ``item.level``; a pure
+    function of its arguments (clutter strokes are seeded by the scene's seed)."""
+    kind, level = item.kind, item.level
+    if kind == CLEAR or level <= 0:
+        return img
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=3.0 * level))
+    if kind == "contrast":
+        return ImageEnhance.Contrast(img).enhance(1.0 - 0.9 * level)
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    if kind == "occlusion":
+        for obj in scene.objects:
+            cx, cy, r = object_box(obj, img.width)
+            h = level * r  # half the side: level 1 hides the whole object
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=_GREY)
+        return out
+    if kind == "clutter":
+        rng = random.Random(f"clutter:{scene.seed}")
+        side = img.width
+        for _ in range(round(24 * level)):
+            xy = [rng.uniform(0, side) for _ in range(4)]
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            draw.line(xy, fill=colour, width=rng.choice((1, 2, 3)))
+        return out
+    raise ValueError(f"unknown image ambiguity {kind!r}; expected one of {IMAGE_KINDS}")
+
+
+# -- captions ------------------------------------------------------------------------------------
+
+
+def specific_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption naming every object with size, fill, colour, shape and place (and the
+    background): what a clear caption of the ambiguity world says."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    style = scene.style
+    parts = [
+        _article(_noun(o, style, rng, size_p=1.0)) + " " + rng.choice(_POS_AT[o.pos]) for o in objs
+    ]
+    body = rng.choice(_PREFIX.get(style, ("",))) + (_join(parts) if parts else "an empty scene")
+    if style != "sketch" and scene.background != "grey":
+        body += f" on a {scene.background} background"
+    return body
+
+
+def _colour_shape(obj: SceneObject, style: str) -> str:
+    return obj.shape if style == "sketch" else f"{obj.colour} {obj.shape}"
+
+
+def _one_attribute(obj: SceneObject, style: str, rng: random.Random) -> str:
+    if style != "sketch" and rng.random() < 0.5:
+        return f"a {obj.colour} shape"
+    return _article(obj.shape)
+
+
+def vague_caption(scene: Scene, level: float, rng: random.Random) -> str:
+    """A caption that says less the higher ``level`` is (one of :data:`CAPTION_LEVELS`): colour
+    and shape of every object (0.25), one of the two per object (0.5), the number of objects
+    (0.75), nothing (1)."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    style = scene.style
+    if level <= 0.25 and objs:
+        return _join([_article(_colour_shape(o, style)) for o in objs])
+    if level <= 0.5 and objs:
+        return _join([_one_attribute(o, style, rng) for o in objs])
+    if level <= 0.75:
+        n = len(objs)
+        return f"{_NUMBERS[n]} shape{'s' if n != 1 else ''}"
+    return rng.choice(("some shapes", "a picture of shapes", "shapes", "a few shapes"))
+
+
+def retrieval_item(
+    rec: Recorder, folder: str, image_id: str, scene: Scene, n_captions: int
+) -> tuple[Item, list[str]]:
+    """Draw and record the ambiguity of an image-text item (COCO, Flickr30k): the image's
+    degradation and its ``n_captions`` captions (clear ones fully specific, others vague)."""
+    image = rec.draw(IMAGE_KINDS)
+    rec.add(folder, image_id, image, IMAGE_KINDS)
+    captions = []
+    for j in range(n_captions):
+        item = rec.draw(CAPTION_KINDS, CAPTION_LEVELS)
+        rec.add(folder, f"{image_id}#{j}", item, CAPTION_KINDS)
+        text = (
+            specific_caption(scene, rec.rng)
+            if item.kind == CLEAR
+            else vague_caption(scene, item.level, rec.rng)
+        )
+        captions.append(text)
+    return image, captions
+
+
+def classification_image(rec: Recorder, folder: str, image_id: str) -> Item:
+    """Draw and record the degradation of one classification test image."""
+    item = rec.draw(IMAGE_KINDS)
+    rec.add(folder, image_id, item, IMAGE_KINDS)
+    return item
+
+
+# -- composed-retrieval texts ----------------------------------------------------------------------
+
+_VAGUE_OBJECT = {  # kind -> (instruction, relative caption) about the object, value left out
+    "recolour": ("change the colour of {ref}", "the {c} {s} has another colour"),
+    "reshape": ("change the shape of {ref}", "has another shape instead of the {c} {s}"),
+    "resize": ("change the size of {ref}", "the {c} {s} has another size"),
+    "move": ("move {ref} somewhere else", "the {c} {s} is somewhere else"),
+    "refill": ("change the pattern of {ref}", "the {c} {s} has another pattern"),
+    "remove": ("remove a shape", "has one shape less"),
+    "add": ("add a {s2}", "has an extra {s2}"),
+    "background": ("change the background", "has another background"),
+}
+
+
+def vague_change(reference: Scene, target: Scene, level: float, rng: random.Random) -> list[str]:
+    """Two texts (instruction, relative caption) of the change from ``reference`` to ``target``
+    that say less the higher ``level`` is (one of :data:`TEXT_LEVELS`)."""
+    kind, old, new = _change(reference, target)
+    if level < 0.5:
+        first, second = _VAGUE_OBJECT[kind]
+        values = {"s2": new.shape if new is not None else "shape"}
+        if old is not None:
+            values.update(ref=_refer(old, reference, rng), c=old.colour, s=old.shape)
+        return [first.format(**values), second.format(**values)]
+    if level < 1.0:
+        if kind in ("add", "remove"):
+            return ["change the number of shapes", "has a different number of shapes"]
+        if kind == "background":
+            return ["change the colours", "looks different"]
+        return [
+            rng.choice(("change one of the shapes", "change a shape")),
+            rng.choice(("one shape is different", "has one shape changed")),
+        ]
+    return [
+        rng.choice(("change something", "make it different", "change it")),
+        rng.choice(("is different", "is not the same", "looks different")),
+    ]
+
+
+def conflict_change(
+    reference: Scene, target: Scene, level: float, rng: random.Random
+) -> list[str] | None:
+    """Two texts of the change from ``reference`` to ``target`` that name the changed object
+    wrongly: with another colour (``level`` 0.5) or as an object the reference does not hold
+    (1.0). None when the change has no object in the reference (add, background)."""
+    kind, old, new = _change(reference, target)
+    if old is None:
+        return None
+    pairs = {(o.colour, o.shape) for o in reference.objects + target.objects}
+    shapes_in = {o.shape for o in reference.objects}
+    if level >= 1.0:
+        absent = [s for s in SHAPES if s not in shapes_in and (new is None or s != new.shape)]
+        shapes = absent or [s for s in SHAPES if s != old.shape and (new is None or s != new.shape)]
+    else:
+        shapes = [old.shape]
+    options = [
+        (c, s)
+        for s in shapes
+        for c in COLOURS
+        if c != old.colour and (c, s) not in pairs and (new is None or c != new.colour)
+    ]
+    if not options:
+        return None
+    colour, shape = rng.choice(options)
+    fake_old = replace(old, colour=colour, shape=shape)
+    fake_ref = replace(
+        reference, objects=tuple(fake_old if o == old else o for o in reference.objects)
+    )
+    fake_tgt = target
+    if new is not None:  # the change itself stays the same: only the object's name is wrong
+        fake_new = new if kind == "recolour" else replace(new, colour=colour)
+        if kind != "reshape":
+            fake_new = replace(fake_new, shape=shape)
+        fake_tgt = replace(
+            target, objects=tuple(fake_new if o == new else o for o in target.objects)
+        )
+    for _ in range(20):  # "the circle" names no colour: draw until the wrong name is said
+        texts = describe_change(fake_ref, fake_tgt, rng)
+        if colour in texts[0].split() and (level < 1.0 or shape in texts[0]):
+            return texts
+    return texts
+
+
+def cir_texts(
+    rec: Recorder, reference: Scene, target: Scene, texts: list[str], image: bool = False
+) -> tuple[Item, list[str]]:
+    """Draw the ambiguity of a composed-retrieval query: vague or conflicting texts, or (with
+    ``image``) a degraded reference, one third each. Returns it as realised (a conflict that
+    cannot be made becomes vague) and the query's texts (``texts`` unless they changed)."""
+    if rec.rng.random() >= rec.spec.fraction:
+        return Item(0.0), texts
+    kind = rec.rng.choice(("image", *CIR_KINDS) if image else CIR_KINDS)
+    if kind == "image":
+        kind = rec.rng.choice(IMAGE_KINDS)
+        return Item(draw_level(rec.rng, kind), kind), texts
+    if kind == "conflict":
+        level = rec.rng.choice(CONFLICT_LEVELS)
+        made = conflict_change(reference, target, level, rec.rng)
+        if made is not None:
+            return Item(level, kind), made
+    level = rec.rng.choice(TEXT_LEVELS)
+    return Item(level, "vague"), vague_change(reference, target, level, rec.rng)
+
+
+# -- the X-MoRe pool -------------------------------------------------------------------------------
+
+
+def pool_rows(
+    rec: Recorder, scenes: Sequence[Scene], paths: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(image path, caption) of the ambiguity world's pool: every caption informative (it names
+    the fine attributes of every object), except that with probability ``pool_noise`` it is the
+    caption of another pool image (kind ``noise``, level 1). Recorded by image path."""
+    rows = []
+    for i, (scene, path) in enumerate(zip(scenes, paths)):
+        noisy = rec.rng.random() < rec.spec.pool_noise
+        source = scene
+        if noisy and len(scenes) > 1:
+            source = scenes[rec.rng.choice([j for j in range(len(scenes)) if j != i])]
+        item = Item(1.0, "noise") if noisy else Item(0.0)
+        rec.add("pool", path, item, POOL_KINDS)
+        rows.append((path, specific_caption(source, rec.rng)))
+    return rows
