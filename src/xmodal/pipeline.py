@@ -226,6 +226,7 @@ def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, 
             run_dir=Path(cfg.run_dir),
         )
         metrics = evaluator.evaluate(ctx)
+        metrics.update(_ambiguity_metrics(cfg, run))
         _log_evaluation(cfg, metrics, run)
         run.finish(metrics, used)
         return metrics
@@ -269,6 +270,7 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             )
         metrics.update(getattr(module, "extra_metrics", {}))
+        metrics.update(_ambiguity_metrics(cfg, run))
         run.finish(metrics, used)
         return metrics
     except BaseException as err:
@@ -276,6 +278,17 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         raise
     finally:
         _finish_loggers(trainer)
+
+
+def _ambiguity_metrics(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """How the run's per-query uncertainties track the ambiguity its data records (the shapes
+    world with ``data.shapes_ambiguity=true``): one place for every method
+    (:func:`xmodal.protocols.uncertainty.ambiguity_metrics`); rank 0, which wrote them."""
+    if run.rank != 0:
+        return {}
+    from xmodal.protocols.uncertainty import ambiguity_metrics
+
+    return ambiguity_metrics(cfg.data, run.path)
 
 
 def _note_trainer(run: RunDir, trainer: pl.Trainer) -> None:

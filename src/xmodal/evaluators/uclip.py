@@ -30,7 +30,9 @@ probability-like confidence, ``top1_consistency``: see :data:`PROBABILITY_METHOD
 areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percent). Rejection curves
 and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
 them in query-index order, the released code's sort made deterministic). It writes
-``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
+``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory, and every
+query's uncertainty (-confidence of each method) to ``uncertainty/test_{i2t,t2i}.csv``
+(:mod:`xmodal.protocols.uncertainty`), scored against the data's ambiguity when it records one.
 """
 
 from __future__ import annotations
@@ -763,7 +765,33 @@ class UCLIPEvaluator:
         metrics["test/skipped_images"] = skipped
         if self.plots:
             self.write_outputs(ctx.run_dir, curves)
+        self.write_uncertainty(ctx, split, valid, posterior)
         return metrics
+
+    def write_uncertainty(self, ctx: Any, split: Any, valid: Tensor, posterior: Posterior) -> None:
+        """Per-query uncertainties (-confidence of every method; ``uncertainty`` is ``method``'s)
+        to ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`): image
+        queries named by their path relative to ``data.root``, captions by ``<image>#<j>``."""
+        from xmodal.protocols.uncertainty import csv_path, relative_items, write_query_csv
+
+        images = relative_items(split.image_paths, ctx.cfg.data.root)
+        captions, seen = [], {}
+        for image in split.caption_image:
+            j = seen[image] = seen.get(image, -1) + 1
+            if bool(valid[image]):
+                captions.append(f"{images[image]}#{j}")
+        items = {"i2t": [i for i, ok in zip(images, valid.tolist()) if ok], "t2i": captions}
+        ranks = posterior.ranks()
+        for d in DIRECTIONS:
+            conf = {m: self.confidences[m][d].double() for m in self.methods}
+            columns = {"uncertainty": -conf[self.methods[0]]}
+            columns.update({m: -conf[m] for m in self.methods[1:]})
+            leading = {
+                "query": range(len(items[d])),
+                "item": items[d],
+                "target_rank": ranks[d].tolist(),
+            }
+            write_query_csv(csv_path(ctx.run_dir, "test", d), leading, columns)
 
     def score(self, posterior: Posterior) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every metric of the run from its posterior samples: (metrics.json entries, curves)."""
@@ -782,10 +810,13 @@ class UCLIPEvaluator:
         for d, conf in zip(DIRECTIONS, posterior.oracle()):
             areas, curves["oracle"][d] = self.rejection(conf.cpu(), ranks[d], self.steps[d])
             metrics.update({f"test/{d}/oracle_rejection/{k}": v for k, v in areas.items()})
+        self.confidences: dict[str, dict[str, Tensor]] = {}  # per query, for write_uncertainty
         for method in self.methods:
             prefix = "test" if method == self.methods[0] else f"test/{method}"
             curves["methods"][method] = {}
+            self.confidences[method] = {}
             for d, conf in zip(DIRECTIONS, posterior.confidence(method, **self.options)):
+                self.confidences[method][d] = conf.cpu()
                 scalars, curve = self.direction_metrics(
                     conf.cpu(), ranks[d], self.steps[d], method in PROBABILITY_METHODS
                 )
