@@ -23,8 +23,10 @@ composed-retrieval texts (FashionIQ: both texts of a triplet; CIRR: the instruct
                the changed object with a colour the reference does not give it; 1 it names an
                object the reference does not hold (another colour and shape). Changes without an
                object in the reference (add, background) are made vague instead.
-X-MoRe pool (``pool/``): every caption names the main object with its fine attributes; with
-probability ``pool_noise`` a caption is replaced by the caption of a random other pool image
+X-MoRe pool (``pool/``): web-like images of the classification sets' concepts (one main object,
+sometimes a small distractor: :func:`pool_scene`) whose captions give every object's size, fill,
+colour, shape and place, the words the class names use; with probability ``pool_noise`` a caption
+is replaced by the caption of a random other pool image
     noise      level 1: the caption belongs to another image
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
@@ -49,7 +52,16 @@ from xmodal.data.shapes.captions import (
     describe_change,
 )
 from xmodal.data.shapes.rendering import object_box
-from xmodal.data.shapes.scenes import COLOURS, SHAPES, Scene, SceneObject
+from xmodal.data.shapes.scenes import (
+    COLOURS,
+    FILLS,
+    SHAPES,
+    SIZE_NAMES,
+    STYLES,
+    Scene,
+    SceneObject,
+    class_scene,
+)
 
 IMAGE_KINDS: tuple[str, ...] = ("blur", "occlusion", "contrast", "clutter")
 CAPTION_KINDS: tuple[str, ...] = ("vague",)
@@ -343,19 +355,36 @@ def cir_texts(
 # -- the X-MoRe pool -------------------------------------------------------------------------------
 
 
-def pool_rows(
-    rec: Recorder, scenes: Sequence[Scene], paths: Sequence[str]
-) -> list[tuple[str, str]]:
-    """(image path, caption) of the ambiguity world's pool: every caption informative (it names
-    the fine attributes of every object), except that with probability ``pool_noise`` it is the
-    caption of another pool image (kind ``noise``, level 1). Recorded by image path."""
+def pool_scene(rng: random.Random) -> Scene:
+    """A scene of the ambiguity world's pool, like the images of the classification sets: one
+    main object of a random colour, shape, size, fill and place (sometimes two or three of the same
+    shape), at most one small distractor, a pale background, mostly the plain style."""
+    fill = "solid" if rng.random() < 0.7 else rng.choice(FILLS[1:])
+    return class_scene(
+        rng,
+        shape=rng.choice(SHAPES),
+        colour=rng.choice(list(COLOURS)),
+        size=rng.choice(SIZE_NAMES),
+        fill=fill,
+        count=(1, 1) if rng.random() < 0.8 else (2, 3),
+        style=rng.choices(STYLES, weights=(14, 2, 2, 2))[0],
+    )
+
+
+def write_pool(out: Any, rec: Recorder, count: int) -> list[tuple[str, str]]:
+    """The ambiguity world's X-MoRe pool: ``count`` class-like scenes (:func:`pool_scene`) with
+    informative captions (every object's size, fill, colour, shape and place), except that with
+    probability ``pool_noise`` a caption is that of another pool image (kind ``noise``, level 1).
+    Writes the images; returns the (image path, caption) rows; records every row by image path."""
+    scenes = [pool_scene(rec.rng) for _ in range(count)]
     rows = []
-    for i, (scene, path) in enumerate(zip(scenes, paths)):
+    for i, scene in enumerate(scenes):
+        path = f"images/{i:06d}.jpg"
+        out.image(f"pool/{path}", scene)
         noisy = rec.rng.random() < rec.spec.pool_noise
         source = scene
-        if noisy and len(scenes) > 1:
-            source = scenes[rec.rng.choice([j for j in range(len(scenes)) if j != i])]
-        item = Item(1.0, "noise") if noisy else Item(0.0)
-        rec.add("pool", path, item, POOL_KINDS)
+        if noisy and count > 1:
+            source = scenes[rec.rng.choice([j for j in range(count) if j != i])]
+        rec.add("pool", path, Item(1.0, "noise") if noisy else Item(0.0), POOL_KINDS)
         rows.append((path, specific_caption(source, rec.rng)))
     return rows

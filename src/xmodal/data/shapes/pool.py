@@ -6,7 +6,7 @@ import csv
 import random
 from dataclasses import replace
 
-from xmodal.data.shapes.ambiguity import pool_rows
+from xmodal.data.shapes import ambiguity
 from xmodal.data.shapes.captions import describe
 from xmodal.data.shapes.scenes import FILLS, PALE_BACKGROUNDS, STYLES, Scene, jitter, random_scene
 from xmodal.data.shapes.world import Counts, Out, WorldSize
@@ -16,6 +16,8 @@ def write_pool(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     rows: list[tuple[str, str]] = []
     seen: list[tuple[Scene, str]] = []
     rec = out.recorder("pool")
+    if rec is not None:  # the ambiguity world: informative captions, a pool_noise share wrong
+        return _write_metadata(out, ambiguity.write_pool(out, rec, size.pool))
     for i in range(size.pool):
         if i % 20 == 11:  # web data repeats captions: the same caption on a near-copy image
             scene, caption = rng.choice(seen)
@@ -32,8 +34,11 @@ def write_pool(out: Out, rng: random.Random, size: WorldSize) -> Counts:
         rel = f"images/{i:06d}.jpg"
         out.image(f"pool/{rel}", scene)
         rows.append((rel, caption))
-    if rec is not None:  # (ambiguity world) informative captions, a pool_noise share of them wrong
-        rows = pool_rows(rec, [s for s, _ in seen], [r for r, _ in rows])
+    return _write_metadata(out, rows)
+
+
+def _write_metadata(out: Out, rows: list[tuple[str, str]]) -> Counts:
+    """``pool/metadata.{csv,parquet}`` (columns image_path, caption) and the pool's counts."""
     with out.path("pool/metadata.csv").open("w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_path", "caption"])
