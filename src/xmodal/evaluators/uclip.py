@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -52,13 +51,8 @@ from torch import Tensor, nn
 from xmodal.evaluators.schemas import UCLIP_BLOCK_SIZE, EnsembleMember
 from xmodal.metrics.calibration import (
     TIES,
-    calibration_scores,
-    confidence_aurc,
-    confidence_auroc,
-    confidence_bins,
-    confidence_ece,
-    rejection_area,
-    rejection_curve,
+    calibration_report,
+    write_calibration_outputs,
 )
 from xmodal.metrics.retrieval import positive_ranks
 from xmodal.retrieval.search import order_candidates, rank_of_scores, topk, topk_scores
@@ -76,7 +70,6 @@ METHODS = (
 PROBABILITY_METHODS = ("top1_consistency",)
 SAMPLERS = ("mcd", "ensemble", "single")
 VARIANTS = ("corrected", "official")
-DIRECTIONS = ("t2i", "i2t")
 log = logging.getLogger("xmodal")
 
 DEFAULT_BLOCK_SIZE = UCLIP_BLOCK_SIZE  # scores per block (64 MB in float32)
@@ -713,32 +706,6 @@ class UCLIPEvaluator:
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    def rejection(self, conf: Tensor, ranks: Tensor, step: int) -> tuple[dict, dict]:
-        """Rejection curves of one direction for every k: (areas in percent, curves)."""
-        areas, curves = {}, {}
-        for k in self.ks:
-            removed, recall = rejection_curve(conf, ranks < k, step, ties=self.ties)
-            areas[f"R@{k}"] = 100.0 * rejection_area(removed, recall)
-            curves[f"R@{k}"] = [removed.tolist(), recall.tolist()]
-        return areas, curves
-
-    def direction_metrics(
-        self, conf: Tensor, ranks: Tensor, step: int, probability: bool = False
-    ) -> tuple[dict[str, float], dict[str, Any]]:
-        """Calibration and rejection metrics of one direction: (scalars, curves for the plots).
-        ``probability``: the confidence estimates P(correct top-1), so ECE is reported too."""
-        correct = ranks < 1
-        bins = confidence_bins(conf, correct, self.num_bins)
-        scalars: dict[str, Any] = dict(calibration_scores(bins))
-        scalars["AUROC"] = confidence_auroc(conf, correct)
-        scalars["AURC"] = confidence_aurc(conf, correct, ties=self.ties)
-        if probability:
-            scalars["ECE"] = confidence_ece(conf, correct, self.ece_bins)
-        scalars["num_bins"] = len(bins)
-        areas, rejection = self.rejection(conf, ranks, step)
-        scalars.update({f"rejection/{key}": area for key, area in areas.items()})
-        return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
-
     def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Posterior samples of the split (cached), then every metric; plots on rank 0."""
         from xmodal.data.base import RetrievalSplit
@@ -770,31 +737,24 @@ class UCLIPEvaluator:
         return metrics
 
     def score(self, posterior: Posterior) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Every metric of the run from its posterior samples: (metrics.json entries, curves)."""
+        """Every metric of the run from its posterior samples: (metrics.json entries, curves),
+        by :func:`xmodal.metrics.calibration.calibration_report` (the keys of the module doc)."""
         sample_k = max(
             [1 if m == "top1_consistency" else 0 for m in self.methods]
             + [self.options["top_k"] if m == "top5_consistency" else 0 for m in self.methods]
         )
         posterior.scan(sample_k)  # one pass serves the recalls and every method
-        ranks = {d: r.cpu() for d, r in posterior.ranks().items()}
-        metrics: dict[str, Any] = {
-            f"test/{d}/R@{k}": 100.0 * (ranks[d] < k).double().mean().item()
-            for d in DIRECTIONS
-            for k in self.ks
-        }
-        curves: dict[str, Any] = {"methods": {}, "oracle": {}}
-        for d, conf in zip(DIRECTIONS, posterior.oracle()):
-            areas, curves["oracle"][d] = self.rejection(conf.cpu(), ranks[d], self.steps[d])
-            metrics.update({f"test/{d}/oracle_rejection/{k}": v for k, v in areas.items()})
-        for method in self.methods:
-            prefix = "test" if method == self.methods[0] else f"test/{method}"
-            curves["methods"][method] = {}
-            for d, conf in zip(DIRECTIONS, posterior.confidence(method, **self.options)):
-                scalars, curve = self.direction_metrics(
-                    conf.cpu(), ranks[d], self.steps[d], method in PROBABILITY_METHODS
-                )
-                metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
-                curves["methods"][method][d] = curve
+        metrics, curves = calibration_report(
+            {m: posterior.confidence(m, **self.options) for m in self.methods},
+            posterior.ranks(),
+            steps=self.steps,
+            ks=self.ks,
+            num_bins=self.num_bins,
+            ties=self.ties,
+            oracle=posterior.oracle(),
+            probability=PROBABILITY_METHODS,
+            ece_bins=self.ece_bins,
+        )
         metrics.update(
             {
                 "test/num_samples": posterior.num_samples,
@@ -807,39 +767,5 @@ class UCLIPEvaluator:
     # -- plots -----------------------------------------------------------------------------------
 
     def write_outputs(self, run_dir: Any, curves: dict[str, Any]) -> None:
-        """``curves.json`` plus ``calibration.png`` (R@1 per uncertainty level, one line per
-        method) and ``rejection.png`` (R@k after removing the least confident queries)."""
-        from matplotlib.figure import Figure
-
-        from xmodal.runs import atomic_write_text
-
-        run_dir = Path(run_dir)
-        atomic_write_text(run_dir / "curves.json", json.dumps(curves, indent=1) + "\n")
-        titles = {"t2i": "text-to-image (caption queries)", "i2t": "image-to-text (image queries)"}
-        fig = Figure(figsize=(12, 4), layout="tight")
-        for ax, d in zip(fig.subplots(1, 2), ("i2t", "t2i")):
-            for method, per_dir in curves["methods"].items():
-                recall = [b[3] for b in per_dir[d]["bins"]][::-1]  # most uncertain bin first
-                s = calibration_scores(per_dir[d]["bins"])["S"]
-                ax.plot(
-                    range(1, len(recall) + 1), recall, marker="o", label=f"{method} (S={s:.2f})"
-                )
-            ax.set(title=titles[d], xlabel="uncertainty level (bin)", ylabel="R@1")
-            ax.legend(fontsize="small", loc="upper right")
-        fig.savefig(run_dir / "calibration.png", dpi=100)
-        fig = Figure(figsize=(15, 8), layout="tight")
-        axes = fig.subplots(2, len(self.ks), squeeze=False)
-        for row, d in zip(axes, ("t2i", "i2t")):
-            for ax, k in zip(row, self.ks):
-                key = f"R@{k}"
-                lines = [
-                    (m, per_dir[d]["rejection"][key]) for m, per_dir in curves["methods"].items()
-                ]
-                lines.append(("upper bound (oracle)", curves["oracle"][d][key]))
-                for label, (removed, recall) in lines:
-                    area = rejection_area(torch.tensor(removed), torch.tensor(recall))
-                    style = {"color": "black", "linestyle": "--"} if "oracle" in label else {}
-                    ax.plot(removed, recall, label=f"{label} ({area:.2f})", **style)
-                ax.set(title=f"{titles[d]} {key}", xlabel="queries removed", ylabel=key)
-                ax.legend(fontsize="small", loc="upper left")
-        fig.savefig(run_dir / "rejection.png", dpi=100)
+        """``curves.json``, ``calibration.png`` and ``rejection.png`` into the run directory."""
+        write_calibration_outputs(run_dir, curves, self.ks)

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,3 +236,152 @@ def confidence_ece(confidence: Tensor, correct: Tensor, num_bins: int = 15) -> f
         return math.nan
     ece = binary_calibration_error(confidence.float(), correct.long(), n_bins=num_bins, norm="l1")
     return float(ece)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole protocol of one run: uCLIP's metric keys, shared by every retrieval uncertainty
+# ----------------------------------------------------------------------------------------------
+
+#: Retrieval directions: ``t2i`` (caption queries, image gallery), ``i2t`` (image queries).
+DIRECTIONS = ("t2i", "i2t")
+
+
+def rejection_areas(
+    confidence: Tensor, ranks: Tensor, ks: Sequence[int], step: int, ties: str = "average"
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Rejection curves of one direction for every k: ``({"R@k": area in percent},
+    {"R@k": [removed, recall]})``; ``ranks`` = rank of each query's first positive."""
+    areas, curves = {}, {}
+    for k in ks:
+        removed, recall = rejection_curve(confidence, ranks < k, step, ties=ties)
+        areas[f"R@{k}"] = 100.0 * rejection_area(removed, recall)
+        curves[f"R@{k}"] = [removed.tolist(), recall.tolist()]
+    return areas, curves
+
+
+def direction_calibration(
+    confidence: Tensor,
+    ranks: Tensor,
+    *,
+    step: int,
+    ks: Sequence[int] = (1, 5, 10),
+    num_bins: int = 10,
+    ties: str = "average",
+    ece_bins: int | None = None,
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Calibration and rejection metrics of one direction: ``(scalars, curves for the plots)``.
+
+    ``confidence`` float [Q] (higher = surer), ``ranks`` long [Q] (rank of the first positive,
+    capped at max(ks)). Scalars: ``S``, ``R2``, ``-SR2`` over the R@1 of ``num_bins`` confidence
+    bins, ``AUROC`` and ``AURC`` of the confidence for a correct top-1, ``ECE`` only when
+    ``ece_bins`` is given (a confidence that estimates P(correct top-1)), ``num_bins`` (bins that
+    survived) and ``rejection/R@k`` (percent). Curves: ``bins`` and ``rejection``.
+    """
+    confidence = torch.as_tensor(confidence).detach().cpu()
+    ranks = torch.as_tensor(ranks).detach().cpu()
+    correct = ranks < 1
+    bins = confidence_bins(confidence, correct, num_bins)
+    scalars: dict[str, float] = dict(calibration_scores(bins))
+    scalars["AUROC"] = confidence_auroc(confidence, correct)
+    scalars["AURC"] = confidence_aurc(confidence, correct, ties=ties)
+    if ece_bins is not None:
+        scalars["ECE"] = confidence_ece(confidence, correct, ece_bins)
+    scalars["num_bins"] = len(bins)
+    areas, rejection = rejection_areas(confidence, ranks, ks, step, ties)
+    scalars.update({f"rejection/{key}": area for key, area in areas.items()})
+    return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
+
+
+def calibration_report(
+    confidences: Mapping[str, tuple[Tensor, Tensor]],
+    ranks: Mapping[str, Tensor],
+    *,
+    steps: Mapping[str, int],
+    ks: Sequence[int] = (1, 5, 10),
+    num_bins: int = 10,
+    ties: str = "average",
+    oracle: tuple[Tensor, Tensor] | None = None,
+    probability: Sequence[str] = (),
+    ece_bins: int = 15,
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Every calibration metric of a retrieval run under uCLIP's keys: ``(metrics, curves)``.
+
+    ``confidences``: method name -> (caption confidence [T] for t2i, image confidence [I] for i2t);
+    ``ranks``: ``{"t2i", "i2t"}`` -> rank of each query's first positive (capped at max(ks));
+    ``steps``: queries removed per rejection-curve point, per direction; ``oracle``: the
+    (caption, image) oracle confidences of the rejection upper bound; ``probability``: methods
+    whose confidence estimates P(correct top-1), the only ones given an ``ECE``.
+
+    Keys: ``test/<d>/R@k`` (percent), ``test/<d>/oracle_rejection/R@k``, then the first method's
+    :func:`direction_calibration` scalars under ``test/<d>/...`` and every other method's under
+    ``test/<method>/<d>/...``. Curves (``curves.json``, the plots): ``{"methods": {method: {d:
+    {"bins", "rejection"}}}, "oracle": {d: rejection curves}}``.
+    """
+    ranks = {d: torch.as_tensor(r).detach().cpu() for d, r in ranks.items()}
+    metrics: dict[str, float] = {
+        f"test/{d}/R@{k}": 100.0 * (ranks[d] < k).double().mean().item()
+        for d in DIRECTIONS
+        for k in ks
+    }
+    curves: dict[str, dict] = {"methods": {}, "oracle": {}}
+    if oracle is not None:
+        for d, conf in zip(DIRECTIONS, oracle):
+            areas, curves["oracle"][d] = rejection_areas(conf.cpu(), ranks[d], ks, steps[d], ties)
+            metrics.update({f"test/{d}/oracle_rejection/{k}": v for k, v in areas.items()})
+    for index, (method, pair) in enumerate(confidences.items()):
+        prefix = "test" if index == 0 else f"test/{method}"
+        curves["methods"][method] = {}
+        for d, conf in zip(DIRECTIONS, pair):
+            scalars, curve = direction_calibration(
+                conf,
+                ranks[d],
+                step=steps[d],
+                ks=ks,
+                num_bins=num_bins,
+                ties=ties,
+                ece_bins=ece_bins if method in probability else None,
+            )
+            metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
+            curves["methods"][method][d] = curve
+    return metrics, curves
+
+
+def write_calibration_outputs(
+    run_dir: Path | str, curves: Mapping[str, Any], ks: Sequence[int]
+) -> None:
+    """``curves.json`` (from :func:`calibration_report`) plus ``calibration.png`` (R@1 per
+    uncertainty level, one line per method) and ``rejection.png`` (R@k after removing the least
+    confident queries, beside the oracle's upper bound) in ``run_dir``."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from xmodal.runs import atomic_write_text
+
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "curves.json", json.dumps(curves, indent=1) + "\n")
+    titles = {"t2i": "text-to-image (caption queries)", "i2t": "image-to-text (image queries)"}
+    fig = Figure(figsize=(12, 4), layout="tight")
+    for ax, d in zip(fig.subplots(1, 2), ("i2t", "t2i")):
+        for method, per_dir in curves["methods"].items():
+            recall = [b[3] for b in per_dir[d]["bins"]][::-1]  # most uncertain bin first
+            s = calibration_scores(per_dir[d]["bins"])["S"]
+            ax.plot(range(1, len(recall) + 1), recall, marker="o", label=f"{method} (S={s:.2f})")
+        ax.set(title=titles[d], xlabel="uncertainty level (bin)", ylabel="R@1")
+        ax.legend(fontsize="small", loc="upper right")
+    fig.savefig(run_dir / "calibration.png", dpi=100)
+    fig = Figure(figsize=(15, 8), layout="tight")
+    axes = fig.subplots(2, len(ks), squeeze=False)
+    for row, d in zip(axes, ("t2i", "i2t")):
+        for ax, k in zip(row, ks):
+            key = f"R@{k}"
+            lines = [(m, per_dir[d]["rejection"][key]) for m, per_dir in curves["methods"].items()]
+            if d in curves.get("oracle", {}):
+                lines.append(("upper bound (oracle)", curves["oracle"][d][key]))
+            for label, (removed, recall) in lines:
+                area = rejection_area(torch.tensor(removed), torch.tensor(recall))
+                style = {"color": "black", "linestyle": "--"} if "oracle" in label else {}
+                ax.plot(removed, recall, label=f"{label} ({area:.2f})", **style)
+            ax.set(title=f"{titles[d]} {key}", xlabel="queries removed", ylabel=key)
+            ax.legend(fontsize="small", loc="upper left")
+    fig.savefig(run_dir / "rejection.png", dpi=100)
