@@ -248,6 +248,7 @@ OPTION_SCHEMAS: dict[tuple[str, str], str] = {
     ("method", "clip_pretrain"): "xmodal.methods.schemas:ClipPretrainConfig",
     ("method", "ruir"): "xmodal.methods.schemas:RUIRConfig",
     ("method", "hug"): "xmodal.methods.schemas:HUGConfig",
+    ("method", "probvlm"): "xmodal.methods.schemas:ProbVLMConfig",
 }
 
 

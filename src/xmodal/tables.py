@@ -4,7 +4,10 @@ A table config (``conf/table/<name>.yaml``) lists rows (an experiment plus the o
 identify its run) and columns (metric keys). Each row's run directory is found the way the CLI
 computes it (``xmodal.config.compose``), its ``metrics.json`` is read, and the table is rendered as
 markdown, LaTeX and CSV. A row without a finished run is marked missing; a cell the run did not
-report stays empty; paper numbers come only from the config.
+report stays empty; paper numbers come only from the config. A row with ``prefix`` reads every
+column key with its first segment (``test``) replaced by the prefix, so one run that reports several
+methods (uCLIP's ``compare``: ``test/<method>/<d>/S``) fills several rows; a column marked
+``shared: true`` (a property of the run, e.g. the R@K of its ranking) is read unprefixed.
 """
 
 from __future__ import annotations
@@ -33,17 +36,29 @@ class TableRow:
     finished: bool = False
 
 
+def metric_key(key: str, prefix: str | None = None) -> str:
+    """The metrics.json key a row reads for column ``key``: ``prefix`` replaces its first segment
+    (``metric_key("test/t2i/S", "test/total")`` is ``test/total/t2i/S``)."""
+    if not prefix:
+        return key
+    return f"{prefix}/{key.split('/', 1)[1]}" if "/" in key else key
+
+
 def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[TableRow]:
     """Read every row's metrics.json; rows whose run is missing keep empty cells."""
     rows = []
-    keys = [c.key for c in table.columns]
     for row in table.rows:
         overrides = [f"experiment={row.experiment}", *row.get("overrides", []), *extra_overrides]
         run_dir = compose(row.get("task", table.task), overrides).run_dir
         finished = is_finished(run_dir)
         metrics = read_metrics(run_dir) if finished else {}
         scale = float(table.get("scale", 1.0))
-        ours = {k: (float(metrics[k]) * scale if k in metrics else None) for k in keys}
+        prefix = row.get("prefix")
+        found = {
+            c.key: metrics.get(c.key if c.get("shared") else metric_key(c.key, prefix))
+            for c in table.columns
+        }
+        ours = {k: (None if v is None else float(v) * scale) for k, v in found.items()}
         paper = {k: (None if v is None else float(v)) for k, v in (row.get("paper") or {}).items()}
         rows.append(TableRow(row.label, run_dir, ours, paper, finished))
     return rows

@@ -1,0 +1,257 @@
+"""ProbVLM (method=probvlm): the loss against the paper's equations and the released code's formula,
+the uncertainties, training on cached embeddings only, and the CLI end to end on the shapes world
+with uCLIP's calibration protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from xmodal.methods.probvlm import (
+    GG,
+    BayesCapAdapter,
+    aleatoric_variance,
+    distribution,
+    mc_dropout,
+    official_likelihood,
+    probvlm_loss,
+    resolve_config,
+)
+from xmodal.methods.schemas import ProbVLMConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.shapes_world=small", "trainer.enable_progress_bar=false"]
+
+
+def _gg_nll_by_hand(z, mu, alpha, beta):
+    """Eq 3 plus its constant log 2, in float64: (|mu - z| / alpha)^beta - log(beta / alpha) +
+    log Gamma(1 / beta) + log 2."""
+    z, mu, alpha, beta = (t.double() for t in (z, mu, alpha, beta))
+    return (
+        ((mu - z).abs() / alpha) ** beta
+        - torch.log(beta / alpha)
+        + torch.lgamma(1 / beta)
+        + math.log(2)
+    )
+
+
+def _batch(seed=0, n=8, d=16):
+    g = torch.Generator().manual_seed(seed)
+    z_v, z_t = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+    def gg():
+        mu = torch.randn(n, d, generator=g)
+        return GG(mu, torch.rand(n, d, generator=g) + 0.2, torch.rand(n, d, generator=g) * 2 + 0.5)
+
+    return z_v, z_t, gg(), gg()
+
+
+def test_paper_loss_is_eq_8_of_eq_3_and_eq_7():
+    """Paper variant: L = L_rec(z_V|V) + L_rec(z_T|T) + lambda (L(z_T|V) + L(z_V|T)), each a mean
+    over batch and dimensions of the generalized-Gaussian NLL."""
+    cfg = resolve_config(ProbVLMConfig(lambda_cross=0.3))
+    z_v, z_t, image, text = _batch()
+    loss, parts = probvlm_loss(z_v, z_t, image, text, cfg)
+
+    def nll(z, gg):
+        return _gg_nll_by_hand(z, gg.mu, gg.alpha, gg.beta).mean()
+
+    expected = nll(z_v, image) + nll(z_t, text) + 0.3 * (nll(z_t, image) + nll(z_v, text))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts["rec_image"].double(), nll(z_v, image), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        parts["cross"].double(), nll(z_t, image) + nll(z_v, text), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_official_loss_is_the_released_formula():
+    """Official variant: every term is T1 |mu - z| + T2 [clamp(|mu - z| (1/alpha) beta, 1e-4, 1e3)
+    - log(1/alpha) + lgamma(1/beta) - log beta] (means), T1 = 1, T2 = 5e-2, lambda = 1e-4."""
+    cfg = resolve_config(ProbVLMConfig(variant="official"))
+    assert (cfg.l1_weight, cfg.nll_weight, cfg.lambda_cross) == (1.0, 5e-2, 1e-4)
+    z_v, z_t, image, text = _batch(1)
+    image.mu[0, 0] = z_v[0, 0] + 1e6  # a residual past the upper clamp
+
+    def term(z, gg):
+        z, mu, a, b = (t.double() for t in (z, gg.mu, gg.alpha, gg.beta))
+        resid = ((mu - z).abs() / a * b).clamp(1e-4, 1e3)
+        lik = resid - torch.log(1 / a) + torch.lgamma(1 / b) - torch.log(b)
+        return (mu - z).abs().mean() + 5e-2 * lik.mean()
+
+    expected = term(z_v, image) + term(z_t, text) + 1e-4 * (term(z_t, image) + term(z_v, text))
+    loss, _ = probvlm_loss(z_v, z_t, image, text, cfg)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    clamped = official_likelihood(z_v, image)[0, 0] - official_likelihood(z_v, image)[0, 0].detach()
+    assert clamped == 0  # the clamp saturates: no gradient, as in the released code
+
+
+def test_adapter_heads_distribution_and_aleatoric_variance():
+    torch.manual_seed(0)
+    adapter = BayesCapAdapter(32, hidden=8, dropout=0.0)
+    z = torch.randn(5, 32)
+    mu, inv_alpha, beta = adapter(z)
+    assert mu.shape == inv_alpha.shape == beta.shape == (5, 32)
+    assert (inv_alpha >= 0).all() and (beta >= 0).all()
+    gg = distribution((mu, inv_alpha, beta), 1e-4, 1e-4)
+    torch.testing.assert_close(gg.alpha, 1 / (inv_alpha + 1e-4))
+    torch.testing.assert_close(gg.beta, beta + 1e-4)
+    paper = resolve_config(ProbVLMConfig())
+    var = aleatoric_variance((mu, inv_alpha, beta), paper)
+    a, b = gg.alpha.double(), gg.beta.double()
+    by_hand = a**2 * torch.exp(torch.lgamma(3 / b) - torch.lgamma(1 / b))
+    fits = by_hand < torch.finfo(torch.float32).max  # float32 overflows where the truth does
+    assert fits.any() and (~fits).any()  # both happen at init: relu heads at 0 give beta ~ 1e-4
+    # exp of a difference of lgammas ~ 1e2 in float32: relative rounding ~ 1e2 x 6e-8
+    torch.testing.assert_close(var.double()[fits], by_hand[fits], rtol=1e-4, atol=0)
+    assert torch.isinf(var[~fits]).all()
+    # the released get_GGuncer: alpha = 1 / (head + 1e-5) in [1e-4, 5], beta = head + 0.1 in
+    # [0.1, 5]: finite where the exact variance overflows (beta -> beta_eps)
+    official = resolve_config(ProbVLMConfig(variant="official"))
+    heads = (mu, torch.zeros(5, 32), torch.zeros(5, 32))
+    assert torch.isinf(aleatoric_variance(heads, paper)).all()
+    clamped = aleatoric_variance(heads, official)
+    expected = 25 * math.gamma(30) / math.gamma(10)
+    torch.testing.assert_close(
+        clamped.double(), torch.full((5, 32), expected).double(), rtol=1e-4, atol=0
+    )
+
+
+def test_mc_dropout_passes_differ_and_modes_are_restored():
+    torch.manual_seed(0)
+    adapter = BayesCapAdapter(16, hidden=32, dropout=0.1).eval()
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(adapter(z)[0], adapter(z)[0])  # eval: deterministic
+        with mc_dropout(adapter, 0.3):
+            drop = next(m for m in adapter.modules() if isinstance(m, torch.nn.Dropout))
+            assert drop.training and drop.p == 0.3
+            assert not torch.equal(adapter(z)[0], adapter(z)[0])
+    assert not drop.training and drop.p == 0.1
+
+
+def test_config_checks_and_variant_defaults():
+    paper = resolve_config(ProbVLMConfig())
+    assert (paper.likelihood, paper.input_norm, paper.l1_weight) == ("exact", "unit", 0.0)
+    off = resolve_config(ProbVLMConfig(variant="official", l1_weight=0.5))
+    assert (off.likelihood, off.input_norm, off.l1_weight) == ("official", "official", 0.5)
+    with pytest.raises(ValueError, match="method.variant"):
+        resolve_config(ProbVLMConfig(variant="nope"))
+    with pytest.raises(ValueError, match="mc_passes"):
+        resolve_config(ProbVLMConfig(mc_passes=0))
+    assert resolve_config(ProbVLMConfig(mc_passes=0, compare=[])).mc_passes == 0
+    with pytest.raises(ValueError, match="rank_with"):
+        resolve_config(replace(ProbVLMConfig(), rank_with="both"))
+
+
+def test_more_than_one_device_is_refused_with_the_way_out(xmodal_env):
+    from xmodal.config import compose
+    from xmodal.methods.probvlm import ProbVLM
+
+    cfg = compose("train", ["experiment=probvlm/shapes", "trainer=ddp"])
+    with pytest.raises(ValueError, match="evaluator=retrieval trainer=ddp"):
+        ProbVLM.from_config(cfg)
+
+
+# ---------------------------------------------------------------------- on the shapes world
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A random-init tiny CLIP saved as a checkpoint (the pretrained one comes from the demo)."""
+    from xmodal import backbones
+
+    torch.manual_seed(0)
+    model, _, _ = backbones.build("tiny_clip")
+    path = tmp_path_factory.mktemp("probvlm") / "tiny.pt"
+    return backbones.save_checkpoint(model, path, "tiny_clip")
+
+
+def test_fit_on_a_warm_cache_never_calls_the_encoder(
+    xmodal_env, shapes_world, tiny_weights, tmp_path, monkeypatch
+):
+    """The test split shares the retrieval evaluator's cache entries; once every split is cached,
+    a second training run (another config, so not skipped) encodes nothing: the encoders raise."""
+    import open_clip
+
+    from xmodal.config import compose
+    from xmodal.pipeline import evaluate, train
+
+    monkeypatch.setenv("XMODAL_OUTPUT", str(tmp_path / "out"))
+    backbone = ["backbone=tiny_clip_shapes", f"backbone.pretrained={tiny_weights}"]
+    retrieval = ["experiment=shapes/retrieval", *backbone, *SMALL]
+    evaluate(compose("eval", retrieval), retrieval)
+    cache = tmp_path / "out" / "cache"
+    after_eval = set(cache.glob("*.pt"))
+    assert len(after_eval) == 2  # the test split's images and captions
+
+    base = ["experiment=probvlm/shapes", *backbone, *SMALL, "trainer.max_epochs=1"]
+    base += ["method.mc_passes=2", "method.plots=false"]
+    train(compose("train", base), base)
+    after_fit = set(cache.glob("*.pt"))
+    assert after_eval < after_fit and len(after_fit) == 6  # + train and val, test reused
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the frozen encoder was called although every split is cached")
+
+    monkeypatch.setattr(open_clip.CLIP, "encode_image", refuse)
+    monkeypatch.setattr(open_clip.CLIP, "encode_text", refuse)
+    again = [*base, "trainer.max_epochs=2", "method.lr=3e-4"]
+    metrics = train(compose("train", again), again)
+    assert set(cache.glob("*.pt")) == after_fit
+    assert "test/t2i/S" in metrics and metrics["test/num_images"] == 30
+
+
+@pytest.fixture(scope="module")
+def shapes_run(xmodal_env, shapes_world, tiny_weights):
+    """`xmodal-train experiment=probvlm/shapes` on the small world, through the CLI."""
+    from xmodal.config import compose
+
+    overrides = [
+        "experiment=probvlm/shapes",
+        f"backbone.pretrained={tiny_weights}",
+        *SMALL,
+        "trainer.max_epochs=3",
+    ]
+    env = {**os.environ, **xmodal_env, "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "xmodal.cli.train", *overrides]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return Path(compose("train", overrides).run_dir)
+
+
+def test_xmodal_train_probvlm_shapes_writes_uclip_protocol_metrics(shapes_run):
+    """metrics.json under uCLIP's keys for both directions and every uncertainty; the ranking is
+    the frozen model's (uCLIP's single-model R@K); plots; the trained adapters explain the frozen
+    embeddings better than the untrained ones (reconstruction likelihood)."""
+    from xmodal.runs import read_metrics
+
+    metrics = read_metrics(shapes_run)
+    for d in ("t2i", "i2t"):
+        for prefix in ("test", "test/epistemic", "test/total"):
+            for key in ("S", "R2", "-SR2", "AUROC", "AURC", "num_bins", "rejection/R@1"):
+                assert f"{prefix}/{d}/{key}" in metrics, f"{prefix}/{d}/{key}"
+            assert f"{prefix}/{d}/ECE" not in metrics  # a variance is no probability
+        for k in (1, 5, 10):
+            assert 0 <= metrics[f"test/{d}/R@{k}"] <= 100
+            assert (
+                metrics[f"test/{d}/rejection/R@{k}"] <= metrics[f"test/{d}/oracle_rejection/R@{k}"]
+            )
+        s, r2, neg = (metrics[f"test/total/{d}/{k}"] for k in ("S", "R2", "-SR2"))
+        assert math.isnan(s) or (-1 <= s <= 1 and 0 <= r2 <= 1 and neg == -s * r2)
+    assert metrics["test/num_images"] == 30 and metrics["test/num_texts"] > 30
+    for kind in ("image", "text"):
+        assert metrics[f"test/{kind}/recon_nll"] < metrics[f"test/{kind}/recon_nll_untrained"]
+    assert "val/MAE" in metrics and "val/NLL" in metrics
+    for name in ("calibration.png", "rejection.png"):
+        assert (shapes_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = json.loads((shapes_run / "curves.json").read_text())
+    assert list(curves["methods"]) == ["aleatoric", "epistemic", "total"]
+    assert set(curves["oracle"]) == {"t2i", "i2t"}
