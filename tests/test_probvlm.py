@@ -26,6 +26,7 @@ from xmodal.methods.probvlm import (
     resolve_config,
 )
 from xmodal.methods.schemas import ProbVLMConfig
+from xmodal.probabilistic import generalized_gaussian_nll
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.shapes_world=small", "trainer.enable_progress_bar=false"]
@@ -255,3 +256,50 @@ def test_xmodal_train_probvlm_shapes_writes_uclip_protocol_metrics(shapes_run):
     curves = json.loads((shapes_run / "curves.json").read_text())
     assert list(curves["methods"]) == ["aleatoric", "epistemic", "total"]
     assert set(curves["oracle"]) == {"t2i", "i2t"}
+
+
+def test_softplus_heads_cannot_die_where_relu_heads_do():
+    """A beta unit whose input is negative for every embedding: the released ReLU head outputs 0
+    (beta = beta_eps, lgamma(1/beta_eps) ~ 8e4 nats under eq 3) and gets no gradient, forever;
+    the softplus head (the paper variant's default) still learns."""
+    torch.manual_seed(0)
+    z = torch.randn(16, 8)
+    for positive, moves in (("relu", False), ("softplus", True)):
+        adapter = BayesCapAdapter(8, hidden=16, dropout=0.0, positive=positive)
+        last = adapter.beta_head[2]
+        with torch.no_grad():
+            last.bias[0] = -20.0  # unit 0 is negative for every input
+        gg = distribution(adapter(z), 1e-4, 1e-4)
+        assert (gg.beta[:, 0] < 1e-4 + 1e-8).all()  # beta ~ beta_eps either way
+        nll = generalized_gaussian_nll(z, gg.mu, gg.alpha, gg.beta)
+        assert nll[:, 0].min() > 8e4
+        nll.mean().backward()
+        # softplus: tiny slope (sigmoid(-20) ~ 2e-9) times the huge pull of lgamma(1/beta)
+        assert (last.bias.grad[0] < -1e-3) == moves and (last.bias.grad[0] == 0) != moves
+
+
+def test_train_fraction_keeps_whole_images_with_all_their_captions():
+    """method.train_fraction: round(f x images) images drawn by seed, in their order, each with
+    every one of its captions (image-major order kept); 1 is the split itself; 0 is refused."""
+    from xmodal.data.base import RetrievalSplit
+    from xmodal.methods.probvlm import subset_split
+
+    counts = [5, 6, 7, 5, 5, 6, 5, 7, 5, 6]  # captions per image, as COCO
+    images = [Path(f"img{i}.jpg") for i in range(10)]
+    captions = [f"img{i} caption {j}" for i, n in enumerate(counts) for j in range(n)]
+    owner = [i for i, n in enumerate(counts) for _ in range(n)]
+    split = RetrievalSplit("train", images, captions, owner)
+    assert subset_split(split, 1.0, seed=0) is split
+    sub = subset_split(split, 0.3, seed=0)
+    kept = [int(p.stem[3:]) for p in sub.image_paths]
+    assert len(kept) == 3 and kept == sorted(kept)
+    assert sub.captions == [c for c, i in zip(captions, owner) if i in kept]
+    assert all(
+        c.startswith(sub.image_paths[i].stem + " ") for c, i in zip(sub.captions, sub.caption_image)
+    )
+    assert subset_split(split, 0.3, seed=0).image_paths == sub.image_paths  # by seed
+    others = {tuple(subset_split(split, 0.3, seed=s).image_paths) for s in range(1, 6)}
+    assert len(others | {tuple(sub.image_paths)}) > 1
+    assert len(subset_split(split, 0.01, seed=0).image_paths) == 1  # at least one image
+    with pytest.raises(ValueError, match="train_fraction"):
+        subset_split(split, 0.0, seed=0)

@@ -55,6 +55,7 @@ LIKELIHOODS = ("exact", "official")
 VARIANT_DEFAULTS = {
     "paper": {
         "input_norm": "unit",
+        "head_activation": "softplus",
         "likelihood": "exact",
         "l1_weight": 0.0,
         "nll_weight": 1.0,
@@ -62,6 +63,7 @@ VARIANT_DEFAULTS = {
     },
     "official": {
         "input_norm": "official",
+        "head_activation": "relu",
         "likelihood": "official",
         "l1_weight": 1.0,
         "nll_weight": 5e-2,
@@ -84,6 +86,7 @@ def resolve_config(cfg: ProbVLMConfig) -> ProbVLMConfig:
             setattr(out, key, value)
     choices = {
         "input_norm": INPUT_NORMS,
+        "head_activation": ("relu", "softplus"),
         "likelihood": LIKELIHOODS,
         "lr_schedule": ("constant", "cosine"),
         "uncertainty": PROBVLM_UNCERTAINTIES,
@@ -114,10 +117,13 @@ def resolve_config(cfg: ProbVLMConfig) -> ProbVLMConfig:
 class BayesCapAdapter(nn.Module):
     """One modality's adapter: h = z + MLP(z) (dim -> hidden -> hidden -> dim, dropout after the
     second layer), then three heads on h: the mean (Linear-ReLU-Linear) and two non-negative heads
-    (Linear-ReLU-Linear-ReLU) read as 1/alpha and beta (:meth:`distribution` adds the epsilons).
-    The layout of the released ``BayesCap_MLP`` with ``num_layers=3``."""
+    (Linear-ReLU-Linear-``positive``) read as 1/alpha and beta (:func:`distribution` adds the
+    epsilons). The layout of the released ``BayesCap_MLP`` with ``num_layers=3``, whose heads end
+    in a ReLU (``positive="relu"``); ``"softplus"`` cannot die (see ``head_activation``)."""
 
-    def __init__(self, dim: int, hidden: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self, dim: int, hidden: int = 256, dropout: float = 0.1, positive: str = "relu"
+    ) -> None:
         super().__init__()
         self.trunk = nn.Sequential(
             nn.Linear(dim, hidden),
@@ -128,9 +134,13 @@ class BayesCapAdapter(nn.Module):
             nn.Linear(hidden, dim),
         )
 
-        def head(positive: bool) -> nn.Sequential:
+        if positive not in ("relu", "softplus"):
+            raise ValueError(f"positive={positive!r}: expected relu or softplus")
+        last = nn.ReLU if positive == "relu" else nn.Softplus
+
+        def head(nonnegative: bool) -> nn.Sequential:
             layers = [nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)]
-            return nn.Sequential(*layers, *([nn.ReLU()] if positive else []))
+            return nn.Sequential(*layers, *([last()] if nonnegative else []))
 
         self.mean_head, self.inv_alpha_head, self.beta_head = head(False), head(True), head(True)
 
@@ -272,13 +282,42 @@ def _encoding_trainer(trainer_cfg: DictConfig) -> pl.Trainer:
     )
 
 
+def subset_split(split: Any, fraction: float, seed: int) -> Any:
+    """round(fraction x images) (at least 1) images of a ``RetrievalSplit`` drawn without
+    replacement by ``seed``, in their original order, with all their captions."""
+    from xmodal.data.base import RetrievalSplit
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"method.train_fraction={fraction} must be in (0, 1]")
+    if fraction == 1:
+        return split
+    n = len(split.image_paths)
+    g = torch.Generator().manual_seed(int(seed))
+    keep = torch.randperm(n, generator=g)[: max(1, round(fraction * n))].sort().values.tolist()
+    new_index = {old: new for new, old in enumerate(keep)}
+    pairs = [
+        (t, new_index[i]) for t, i in zip(split.captions, split.caption_image) if i in new_index
+    ]
+    return RetrievalSplit(
+        f"{split.name}[{fraction:g}]",
+        [split.image_paths[i] for i in keep],
+        [t for t, _ in pairs],
+        [i for _, i in pairs],
+    )
+
+
 def encode_splits(
-    cfg: DictConfig, roles: dict[str, tuple[DictConfig, str | None]], use_cache: bool = True
+    cfg: DictConfig,
+    roles: dict[str, tuple[DictConfig, str | None]],
+    use_cache: bool = True,
+    train_fraction: float = 1.0,
 ) -> tuple[dict[str, EmbeddedSplit], float | None]:
     """Frozen embeddings of every split in ``roles`` (role -> (data config, split name)), through
     the embedding cache under :func:`xmodal.evaluators.base.embedding_key`, the keys the
     evaluators use: a warm cache encodes nothing (the backbone is built for its identity and
-    transform, and to read its logit scale). Returns the splits and exp(logit_scale) (or None)."""
+    transform, and to read its logit scale). ``train_fraction`` < 1 keeps that share of the
+    ``train`` role's images (by ``cfg.seed``). Returns the splits and exp(logit_scale) (or
+    None)."""
     from xmodal import backbones
     from xmodal.data.datamodule import load_split
     from xmodal.data.images import ImageDataset
@@ -297,6 +336,8 @@ def encode_splits(
         if not split_name:
             continue
         split = load_split(data_cfg, split_name)
+        if role == "train":
+            split = subset_split(split, train_fraction, cfg.seed)
         emb = {}
         for kind, items in (("image", split.image_paths), ("text", split.captions)):
             key = embedding_key(data_cfg, cfg.backbone, preprocess, kind, items)
@@ -421,7 +462,7 @@ class ProbVLM(pl.LightningModule):
         c = self.cfg
         self.adapters = nn.ModuleDict(
             {
-                kind: BayesCapAdapter(embed_dim, c.hidden_dim, c.dropout)
+                kind: BayesCapAdapter(embed_dim, c.hidden_dim, c.dropout, c.head_activation)
                 for kind in ("image", "text")
             }
         )
@@ -449,7 +490,7 @@ class ProbVLM(pl.LightningModule):
             "val": (cfg.data, cfg.data.val_split),
             "test": (test_data, test_data.split),
         }
-        raw, logit_scale = encode_splits(cfg, roles, use_cache=m.cache)
+        raw, logit_scale = encode_splits(cfg, roles, m.cache, m.train_fraction)
         splits = {k: normalise_inputs(v, m.input_norm, logit_scale) for k, v in raw.items()}
         embed_dim = int(splits["train"].image.shape[1])
         module = cls(

@@ -133,8 +133,11 @@ class ProbVLMConfig:
     # -- adapters, one per modality: z + MLP(z) -> heads (mu_hat, 1/alpha, beta)
     hidden_dim: int = 256  # [P][C] input -> 256 -> 256 -> input
     dropout: float = 0.1  # [P][C] BayesCap_for_CLIP default (the CUB notebook uses 0.05)
-    alpha_eps: float = 1e-4  # [C] alpha = 1 / (relu head + alpha_eps)
-    beta_eps: float = 1e-4  # [C] beta = relu head + beta_eps
+    alpha_eps: float = 1e-4  # [C] alpha = 1 / (head + alpha_eps)
+    beta_eps: float = 1e-4  # [C] beta = head + beta_eps
+    head_activation: str | None = None  # last layer of the 1/alpha and beta heads: relu [C] |
+    # softplus [R] (a relu unit negative for every input is dead: beta stays at beta_eps, costing
+    # lgamma(1/beta_eps) ~ 8e4 nats under eq 3); null: softplus (paper), relu (official)
     input_norm: str | None = None  # unit | raw | official (unit text, unit image x exp(logit
     # scale), what the released CLIP wrapper returns); null: unit (paper), official (official)
     # -- loss: L = L_rec^V + L_rec^T + lambda_cross (L_cross^VT + L_cross^TV)   (eq 8)
@@ -144,6 +147,8 @@ class ProbVLMConfig:
     nll_weight: float | None = None  # [C] T2, weight of the likelihood term; null: 1 / 5e-2
     official_residual_range: list[float] = field(default_factory=lambda: [1e-4, 1e3])  # [C]
     # -- optimisation: Adam, per-caption (image, caption) pairs, data.batch_size 64 [C]
+    train_fraction: float = 1.0  # [R] share of the train split's images, drawn by seed, with all
+    # their captions; the shapes demo trains on 0.1 to stay fast
     lr: float = 1e-4  # [P][C]
     lr_schedule: str = "constant"  # constant: what the code runs | cosine: what it builds
     # -- uncertainty out (the uCLIP protocol, evaluator=uclip's bins, keys and plots)
