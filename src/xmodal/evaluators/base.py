@@ -51,10 +51,17 @@ class EvalContext:
 
 
 def embedding_key(
-    data: DictConfig, backbone: Any, preprocess: Callable, kind: str, items: list[Any], **extra: Any
+    data: DictConfig,
+    backbone: Any,
+    preprocess: Callable,
+    kind: str,
+    items: list[Any],
+    /,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Cache key of the embeddings of ``items`` (image refs or texts) of dataset ``data`` under
-    ``backbone`` (a config) with its image transform ``preprocess``.
+    ``backbone`` (a config) with its image transform ``preprocess``; ``extra`` entries are added
+    and win (an ensemble member's own ``backbone`` identity, an MC-dropout pass).
 
     Images are keyed by their files' fingerprints too (a replaced image is re-encoded) and by
     ``data.on_corrupt`` (which decides whether an unreadable one is dropped or fails); the
