@@ -210,6 +210,29 @@ def test_fit_on_a_warm_cache_never_calls_the_encoder(
     assert "test/t2i/S" in metrics and metrics["test/num_images"] == 30
 
 
+def test_initial_adapters_do_not_depend_on_the_cache_state(
+    xmodal_env, shapes_world, tiny_weights, tmp_path, monkeypatch
+):
+    """Encoding on a cache miss draws from the global RNG (the loaders' base seeds); the adapters
+    are drawn after it from the run seed, so a cold and a warm cache give the same run."""
+    from xmodal.config import compose
+    from xmodal.methods.probvlm import ProbVLM
+
+    monkeypatch.setenv("XMODAL_OUTPUT", str(tmp_path / "out"))
+    overrides = ["experiment=probvlm/shapes", f"backbone.pretrained={tiny_weights}", *SMALL]
+    states = []
+    for _ in ("cold", "warm"):
+        torch.manual_seed(0)  # the pipeline's seed_everything(cfg.seed)
+        module, _ = ProbVLM.from_config(compose("train", overrides))
+        states.append(module.state_dict())
+        states.append(torch.rand(3))  # the RNG that training's dropout continues from
+    assert len(list((tmp_path / "out" / "cache").glob("*.pt"))) == 6
+    cold, cold_rng, warm, warm_rng = states
+    assert cold.keys() == warm.keys()
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+    assert torch.equal(cold_rng, warm_rng)
+
+
 @pytest.fixture(scope="module")
 def shapes_run(xmodal_env, shapes_world, tiny_weights):
     """`xmodal-train experiment=probvlm/shapes` on the small world, through the CLI."""

@@ -493,6 +493,9 @@ class ProbVLM(pl.LightningModule):
         raw, logit_scale = encode_splits(cfg, roles, m.cache, m.train_fraction)
         splits = {k: normalise_inputs(v, m.input_norm, logit_scale) for k, v in raw.items()}
         embed_dim = int(splits["train"].image.shape[1])
+        # encoding on a cache miss draws from the global RNG (the loaders' base seeds): seed again
+        # so that the adapters and training's dropout do not depend on the cache state
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = cls(
             embed_dim, m, run_dir=cfg.run_dir, config=OmegaConf.to_container(cfg, resolve=True)
         )
