@@ -326,3 +326,47 @@ def test_train_fraction_keeps_whole_images_with_all_their_captions():
     assert len(subset_split(split, 0.01, seed=0).image_paths) == 1  # at least one image
     with pytest.raises(ValueError, match="train_fraction"):
         subset_split(split, 0.0, seed=0)
+
+
+def test_uclip_vs_learned_table_renders_the_shapes_runs(shapes_run, tiny_weights, tmp_path):
+    """`xmodal-table table=uclip_vs_learned` on shapes-world runs: ProbVLM's three uncertainties
+    and uCLIP's MC-dropout confidences read from their runs (prefixed keys per method, the run's
+    R@1 unprefixed); the ensemble rows and every real-data row stay empty (no run); no paper
+    cell is invented."""
+    from xmodal.config import compose
+    from xmodal.pipeline import evaluate
+    from xmodal.runs import read_metrics
+    from xmodal.tables import build, table_config
+
+    extra = [f"backbone.pretrained={tiny_weights}", *SMALL, "trainer.max_epochs=3"]
+    mcd = ["experiment=uclip/shapes_mcd", *extra]
+    evaluate(compose("eval", mcd), mcd)
+    built, written = build("uclip_vs_learned", tmp_path, extra_overrides=extra)  # xmodal-table's
+    printed = written["markdown"].read_text()
+    table = table_config("uclip_vs_learned")
+    rows = {r.label: r for r in built}
+    found = {
+        "Shapes ProbVLM aleatoric (paper variant)": (read_metrics(shapes_run), "test"),
+        "Shapes ProbVLM epistemic (paper variant)": (read_metrics(shapes_run), "test/epistemic"),
+        "Shapes ProbVLM total (paper variant)": (read_metrics(shapes_run), "test/total"),
+    }
+    uclip = read_metrics(compose("eval", mcd).run_dir)
+    for method in ("top1_similarity", "top1_consistency", "top5_consistency", "adversarial"):
+        prefix = "test" if method == "adversarial" else f"test/{method}"  # the run's main method
+        found[f"Shapes uCLIP {method} (MCD)"] = (uclip, prefix)
+    for label, (metrics, prefix) in found.items():
+        row = rows[label]
+        assert row.finished, label
+        for col in table.columns:
+            key = col.key if col.get("shared") else f"{prefix}/{col.key.split('/', 1)[1]}"
+            assert row.ours[col.key] == pytest.approx(metrics[key], nan_ok=True), (label, key)
+    assert rows["Shapes ProbVLM total (paper variant)"].run_dir == str(shapes_run)
+    total = found["Shapes ProbVLM total (paper variant)"][0]
+    assert f"{total['test/total/t2i/AURC']:.2f}" in printed
+    finished = {label for label, row in rows.items() if row.finished}
+    assert finished == {*found, "Shapes uCLIP adversarial_linear (MCD)"}
+    for label, row in rows.items():
+        if label not in finished:  # the ensemble (no members trained here) and every real row
+            assert set(row.ours.values()) == {None}, label
+        assert row.paper == {}  # no paper cell until someone checks it against the paper
+    assert printed.count("no run") == len(rows) - len(finished)
