@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,6 +88,48 @@ def test_stream_files_reproduce_the_metrics(xmore_run):
         assert w_image.tolist() == [float(r["w_image"]) for r in rows]
         assert w_text.tolist() == [float(r["w_text"]) for r in rows]
         assert rows[0]["w_image"] == rows[0]["w_text"] == "0.5"  # the first sample
+
+
+def _stream(run_dir, seed: int) -> list[dict[str, str]]:
+    with open(Path(run_dir) / f"xmore_stream_seed{seed}.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table6_and_table8_keys_follow_from_the_streams(xmore_run):
+    """test/entropy/* (paper Table 6) and test/weight_ratio/* (Table 8), recomputed from the
+    stream files: entropy = (1 - confidence) ln C; the ratio pooled over the seeds' streams."""
+    m = read_metrics(xmore_run.run_dir)
+    streams = [_stream(xmore_run.run_dir, seed) for seed in (0, 1, 2)]
+    num_classes = len({r["label"] for r in streams[0]})
+    assert num_classes == 8  # 8 classes x 3 test images
+    for modality in ("image", "text"):
+        conf = [float(r[f"conf_{modality}"]) for r in streams[0]]
+        entropy = sum((1 - c) * math.log(num_classes) for c in conf) / len(conf)
+        # the stream's confidences are float32 arithmetic, the entropy metric float64
+        assert m[f"test/entropy/{modality}"] == pytest.approx(entropy, rel=1e-6)
+    cases = {"case1": ("1", "0"), "case2": ("0", "1"), "case3": ("0", "0")}
+    for case, (image_ok, text_ok) in cases.items():
+        ratios, num, beta_zero = [], 0, 0
+        for rows in streams:
+            for r in rows:
+                right = (
+                    str(int(r["pred_image"] == r["label"])),
+                    str(int(r["pred_text"] == r["label"])),
+                )
+                if right != (image_ok, text_ok) or r["pred_xmore"] != r["label"]:
+                    continue
+                num += 1
+                if float(r["w_text"]) == 0:
+                    beta_zero += 1
+                else:
+                    ratios.append(float(r["w_image"]) / float(r["w_text"]))
+        assert m[f"test/weight_ratio/{case}/num"] == num
+        assert m[f"test/weight_ratio/{case}/beta_zero"] == beta_zero
+        if ratios:
+            assert m[f"test/weight_ratio/{case}"] == pytest.approx(sum(ratios) / len(ratios))
+        else:
+            assert f"test/weight_ratio/{case}" not in m
+    assert sum(m[f"test/weight_ratio/{c}/num"] for c in cases) > 0
 
 
 def test_zeroshot_agrees_with_the_image_only_baseline(xmore_run):
