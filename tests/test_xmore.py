@@ -230,20 +230,42 @@ def test_minmax_beta_hat_is_zero_when_the_text_confidence_is_the_running_minimum
     assert w_image.tolist() == w_text.tolist() == [0.5, 0.5]
 
 
+# ------------------------------------------------------------------------------------------
+# The paper tables' configs
+# ------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("name", "rows"), [("xmore_fs", 20), ("xmore_imagenet", 10), ("xmore_ablation", 10)]
+    ("name", "rows"),
+    [
+        ("xmore_fs", 10),
+        ("xmore_imagenet", 10),
+        ("xmore_ablation_retrieval", 5),
+        ("xmore_ablation_confidence", 4),
+        ("xmore_entropy", 10),
+        ("xmore_weight_ratio", 6),
+        ("xmore_k", 14),
+    ],
 )
 def test_paper_tables_name_real_experiments_and_columns(name, rows):
+    """Every cell of the X-MoRe paper tables is an X-MoRe experiment, each table has an Avg.
+    column over all its datasets, and every paper number is a percentage (or, Tables 6 and 8,
+    an entropy in nats and a ratio)."""
     from xmodal.config import list_configs
-    from xmodal.tables import table_config
+    from xmodal.tables import average_columns, table_config
 
     table = table_config(name)
     experiments = set(list_configs("experiment", "xmore/*"))
-    columns = {c.key for c in table.columns}
+    averages = average_columns(table)
+    datasets = [c.key for c in table.columns if c.key not in averages]
+    assert averages["avg"] == datasets
     assert len(table.rows) == rows
     for row in table.rows:
-        assert row.experiment in experiments, row.label
-        assert set(row.paper) <= columns and all(0 < v < 100 for v in row.paper.values())
+        assert row.metric.startswith("test/"), row.label
+        for ds in datasets:
+            assert row.experiment.format(column=ds) in experiments, (row.label, ds)
+        assert set(row.get("paper") or {}) <= {c.key for c in table.columns}
+        assert all(0 < v < 100 for v in (row.get("paper") or {}).values())
 
 
 # ------------------------------------------------------------------------------------------

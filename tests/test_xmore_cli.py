@@ -132,6 +132,42 @@ def test_table6_and_table8_keys_follow_from_the_streams(xmore_run):
     assert sum(m[f"test/weight_ratio/{c}/num"] for c in cases) > 0
 
 
+@pytest.mark.slow  # two more X-MoRe runs: ~19 s on the shared 2-core machine
+def test_the_analysis_table_renders_from_shapes_runs(xmore_run, tmp_path):
+    """xmore_shapes_analysis (Figure 4, Tables 6 and 8 on the shapes world) from two real runs of
+    one dataset (k = 16 and k = 1): their cells filled, the other datasets' empty, every Avg.
+    empty (a partial row), and the plot written."""
+    from xmodal.tables import collect, render, table_config
+
+    extra = ["backbone=tiny_clip", *SMALL]
+    runs = {}
+    for k in (16, 1):
+        overrides = ["experiment=xmore/shapes_coop", "data=shapes_oxford_pets", *extra]
+        overrides += [] if k == 16 else [f"evaluator.k={k}"]
+        runs[k] = evaluate(compose("eval", overrides), overrides)
+    assert runs[1]["test/entropy/image"] == runs[16]["test/entropy/image"]  # p_img has no k
+    assert runs[1]["test/acc/image"] == runs[16]["test/acc/image"]
+    table = table_config("xmore_shapes_analysis")
+    rows = {r.label: r for r in collect(table, extra)}
+    expected = {
+        "top-1 (%), k=16": runs[16]["test/acc/xmore"],
+        "top-1 (%), k=1": runs[1]["test/acc/xmore"],
+        "entropy Image": runs[16]["test/entropy/image"],
+        "entropy Text (k=1)": runs[1]["test/entropy/text"],
+        "entropy Text (k=16)": runs[16]["test/entropy/text"],
+    }
+    for label, value in expected.items():
+        row = rows[label]
+        assert row.ours["oxford_pets"] == pytest.approx(value), label
+        others = [v for k, v in row.ours.items() if k != "oxford_pets"]
+        assert others == [None] * 10, label  # 9 datasets without a run, and the Avg.
+        assert row.missing_runs == 9 and not row.finished
+    assert rows["top-1 (%), k=8"].missing_runs == 10
+    written = render(table, list(rows.values()), tmp_path)
+    assert "9 of 10 runs missing" in written["markdown"].read_text()
+    assert written["png"].is_file()
+
+
 def test_zeroshot_agrees_with_the_image_only_baseline(xmore_run):
     overrides = ["evaluator=zeroshot", "data=shapes_oxford_pets", "backbone=tiny_clip", *SMALL]
     zeroshot = evaluate(compose("eval", overrides), overrides)

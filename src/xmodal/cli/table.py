@@ -1,9 +1,10 @@
-"""``xmodal-table table=<name> [formats=markdown,latex,csv] [out=<dir>] [<override> ...]``.
+"""``xmodal-table table=<name> [formats=markdown,latex,csv,png] [out=<dir>] [<override> ...]``.
 
 Collects metrics.json from the run directories a ``conf/table/<name>.yaml`` names, prints the
 markdown table and writes markdown, LaTeX and CSV to ``<out>`` (default
-``$XMODAL_OUTPUT/tables``). Extra ``key=value`` overrides are applied to every row's run lookup
-(e.g. ``data.shapes_world=small``).
+``$XMODAL_OUTPUT/tables``), and a matplotlib plot (png) for tables with a ``plot`` section
+(X-MoRe's Figure 4: ``xmore_k``). Extra ``key=value`` overrides are applied to every row's run
+lookup (e.g. ``data.shapes_world=small``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from xmodal.config import list_configs
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    opts = {"table": None, "formats": "markdown,latex,csv", "out": None}
+    opts = {"table": None, "formats": "markdown,latex,csv,png", "out": None}
     extra = []
     for arg in args:
         key, _, value = arg.partition("=")
