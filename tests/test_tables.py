@@ -113,12 +113,28 @@ def test_an_average_is_empty_when_any_cell_is_missing(outputs):
     assert row.ours["eurosat"] is None and row.ours["avg"] is None  # never a partial mean
     assert row.ours["two"] == pytest.approx(45.0)  # its own cells are all there
     assert not row.finished and row.missing_runs == 1
+    assert row.todo == ["xmodal-eval experiment=xmore/shapes_coop data=shapes_eurosat"]
     line = render_markdown(table, [row]).splitlines()[4]
     assert line.startswith("| X-MoRe — 1 of 3 runs missing | 40.00 | 10.00 | +30.00 |")
     assert "| 45.00 |  |  |" in line  # Flowers+DTD: ours, no paper, no Δ
     cells = line.split(" | ")
     avg = cells[1 + 3 * 3 : 1 + 3 * 4]
     assert avg == ["", "99.00", ""]  # ours empty, the paper's printed Avg., no Δ
+
+
+def test_todo_prints_the_command_of_every_unfinished_run_once(outputs, capsys):
+    from xmodal.cli.table import main
+
+    finish("train", ["experiment=hug/fashioniq_dress", "seed=3"], {"test/avg/R@10": 1.0})
+    assert main(["table=hug_fashioniq", "todo=true", "seed=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [  # the Avg. rows add nothing: their runs are the category rows'
+        "xmodal-train experiment=hug/fashioniq_shirt seed=3",
+        "xmodal-train experiment=hug/fashioniq_toptee seed=3",
+        "xmodal-train experiment=hug/official/fashioniq_dress seed=3",
+        "xmodal-train experiment=hug/official/fashioniq_shirt seed=3",
+        "xmodal-train experiment=hug/official/fashioniq_toptee seed=3",
+    ]
 
 
 def test_a_cell_the_run_did_not_report_keeps_the_average_empty(outputs):

@@ -21,6 +21,9 @@ The paper's own layouts:
   ``derive_paper: true`` averages the row's paper cells where the config gives no paper average.
   Both are marked :data:`DERIVED_MARK` in every format, with a legend line saying how they were
   derived: never shown as the paper's.
+- **Runs to make.** Every row records the command of each run it reads that has not finished
+  (``TableRow.todo``); ``xmodal-table table=<name> todo=true`` prints them, one per line, so a
+  table's config is also the sweep that fills it.
 - **Plot.** A table with ``plot: {column: <key>, x: <axis label>, y: <axis label>}`` and rows with
   ``plot: {series: <name>, x: <number>}`` also writes ``<name>.png``: that column against x, one
   line per series, ours solid and the paper's dashed (X-MoRe's Figure 4).
@@ -32,6 +35,7 @@ import ast
 import csv
 import io
 import operator
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +65,8 @@ class TableRow:
     derived: dict[str, str] = field(default_factory=dict)
     num_runs: int = 1  # runs the row reads (one per column for a ``metric`` row)
     missing_runs: int = 0
+    #: the command of each run the row reads that has not finished (``xmodal-table ... todo=true``)
+    todo: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,13 +174,17 @@ def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[Tabl
     scale = float(table.get("scale", 1.0))
     averages = average_columns(table)
     plain = [c.key for c in table.columns if c.key not in averages]
-    runs: dict[tuple, tuple[str, dict]] = {}  # a run read once, whichever rows share it
+    runs: dict[tuple, tuple[str, dict | None, str]] = {}  # a run read once, whichever rows share it
 
-    def run(task: str, overrides: list[str]) -> tuple[str, dict]:
+    def run(task: str, overrides: list[str]) -> tuple[str, dict | None, str]:
+        """(run directory, its metrics or None when unfinished, the command that runs it)."""
         key = (task, *overrides, *extra_overrides)
         if key not in runs:
-            run_dir = compose(task, [*overrides, *extra_overrides]).run_dir
-            runs[key] = (run_dir, read_metrics(run_dir) if is_finished(run_dir) else None)
+            everything = [*overrides, *extra_overrides]
+            run_dir = compose(task, everything).run_dir
+            command = " ".join([f"xmodal-{task}", *map(shlex.quote, everything)])
+            metrics = read_metrics(run_dir) if is_finished(run_dir) else None
+            runs[key] = (run_dir, metrics, command)
         return runs[key]
 
     def value(metrics: dict | None, key: str) -> float | None:
@@ -196,7 +206,7 @@ def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[Tabl
                 )
             ours = {k: _mean([s.ours[k] for s in sources]) for k in plain}
             num_runs = sum(s.num_runs for s in sources)
-            missing = sum(s.missing_runs for s in sources)
+            todo = [c for s in sources for c in s.todo]
             run_dirs = []
         elif row.get("metric") is not None:  # one run per column
             cells = {}
@@ -205,14 +215,15 @@ def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[Tabl
                 overrides = [f"experiment={str(row.experiment).format(**fill)}"]
                 overrides += [str(o).format(**fill) for o in row.get("overrides", [])]
                 cells[key] = run(task, overrides)
-            ours = {k: value(metrics, str(row.metric)) for k, (_, metrics) in cells.items()}
-            run_dirs = [d for d, _ in cells.values()]
-            num_runs, missing = len(cells), sum(m is None for _, m in cells.values())
+            ours = {k: value(metrics, str(row.metric)) for k, (_, metrics, _) in cells.items()}
+            run_dirs = [d for d, _, _ in cells.values()]
+            num_runs = len(cells)
+            todo = [c for _, metrics, c in cells.values() if metrics is None]
         else:
             overrides = [f"experiment={row.experiment}", *row.get("overrides", [])]
-            run_dir, metrics = run(task, overrides)
+            run_dir, metrics, command = run(task, overrides)
             ours = {k: value(metrics, k) for k in plain}
-            run_dirs, num_runs, missing = [run_dir], 1, int(metrics is None)
+            run_dirs, num_runs, todo = [run_dir], 1, [command] if metrics is None else []
         for key, over in averages.items():
             ours[key] = _mean([ours[k] for k in over])
         out = TableRow(
@@ -220,10 +231,11 @@ def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[Tabl
             run_dir="; ".join(dict.fromkeys(run_dirs)),
             ours=ours,
             paper=paper,
-            finished=missing == 0,
+            finished=not todo,
             derived=derived,
             num_runs=num_runs,
-            missing_runs=missing,
+            missing_runs=len(todo),
+            todo=todo,
         )
         rows.append(out)
         by_label[out.label] = out
