@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xmodal-installed
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 export XMODAL_ROOT ?= $(CURDIR)
 
-.PHONY: help install demo test test-all lint format bench rehearse table wandb-sync clean-outputs
+.PHONY: help install demo test test-all test-slurm lint format bench rehearse table wandb-sync clean-outputs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,11 +23,21 @@ install: $(STAMP)  ## create .venv and install xmodal with its dev tools
 demo: $(STAMP)  ## pretrain the tiny CLIP on the shapes world, run every method, print the tables
 	$(PY) scripts/demo.py
 
-test: $(STAMP)  ## fast test suite (no slow/gpu tests)
-	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
+test: $(STAMP)  ## fast test suite (no slow/gpu/slurm tests)
+	$(PY) -m pytest -q -m "not slow and not gpu and not slurm" -p no:cacheprovider
 
-test-all: $(STAMP)  ## every test except the GPU ones, slow ones included
-	$(PY) -m pytest -q -m "not gpu" -p no:cacheprovider
+test-all: $(STAMP)  ## every test except the GPU and SLURM ones, slow ones included
+	$(PY) -m pytest -q -m "not gpu and not slurm" -p no:cacheprovider
+
+# Starts a single-node SLURM here (installs slurm-wlm + munge if missing; root), runs the tests
+# marked `slurm` against it, and stops it again unless it was already running.
+test-slurm: $(STAMP)  ## SLURM tests on a single-node cluster started here (scripts/slurm_local.sh)
+	@if scripts/slurm_local.sh status >/dev/null 2>&1; then up=1; else up=0; fi; \
+	scripts/slurm_local.sh start || exit 1; \
+	$(PY) -m pytest -v -m slurm -p no:cacheprovider --durations=0; rc=$$?; \
+	if [ $$up = 0 ]; then scripts/slurm_local.sh stop; \
+	else echo "slurm_local: left running (it was running before make test-slurm)"; fi; \
+	exit $$rc
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(PY) -m ruff check src tests benchmarks scripts

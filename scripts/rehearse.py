@@ -58,8 +58,11 @@ CAPTION = (
 def users(names: list[str]) -> dict[str, set[str]]:
     """The evaluators and methods of conf/experiment that use each backbone (by name)."""
     found: dict[str, set[str]] = {n: set() for n in names}
-    for path in (ROOT / "conf" / "experiment").rglob("*.yaml"):
+    base = ROOT / "conf" / "experiment"
+    for path in base.rglob("*.yaml"):
         text = path.read_text(encoding="utf-8")
+        for shared in re.findall(r"/experiment/([\w/]+)", text):  # e.g. xmore/_rn50
+            text += (base / f"{shared}.yaml").read_text(encoding="utf-8")
         kinds = set(re.findall(r"override /(?:evaluator|method): (\w+)", text))
         for name in names:
             if re.search(rf"\b{re.escape(name)}\b", text):

@@ -2,7 +2,10 @@
 # Example: a sweep as a plain SLURM job array, one array task per sweep point, for clusters
 # where hydra-submitit-launcher is not wanted (`launcher=slurm` does the same from Hydra).
 # Each task runs one xmodal job in its deterministic run directory, so resubmitting the array
-# skips finished points and redoes failed or preempted ones (resume=auto).
+# skips finished points and redoes failed or preempted ones (resume=auto). A training run that
+# gets SIGUSR2 (--signal, before the time limit) saves checkpoints/last.ckpt at the end of the
+# current batch and requeues its array task, which continues exactly there (resume=auto); on
+# SIGTERM (preemption, scancel) it saves and stops, and SLURM decides whether it comes back.
 #
 #   sbatch scripts/slurm_sweep_example.sh
 #
@@ -14,7 +17,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --requeue
-#SBATCH --signal=SIGUSR1@120         # Lightning saves a checkpoint and requeues on this signal
+#SBATCH --signal=USR2@120            # xmodal saves last.ckpt and requeues the task on this signal
 #SBATCH --output=slurm-%A_%a.out
 set -euo pipefail
 

@@ -22,7 +22,6 @@ from xmodal.backbones import (
     BackboneConfig,
     build,
     check_quick_gelu,
-    conf_dir,
     get_config,
     identity,
     list_backbones,
@@ -30,6 +29,7 @@ from xmodal.backbones import (
 )
 from xmodal.backbones.config import WeightsNotFoundError
 from xmodal.backbones.openclip import MODEL_CONFIG_DIR
+from xmodal.config import conf_dir
 from xmodal.errors import ConfigError
 
 TEXTS = ["a small red circle on the left", "two blue squares at the top", "a quokka zebra"]

@@ -19,6 +19,7 @@ from xmodal.metrics import (
     confidence_bins,
     rejection_area,
     rejection_curve,
+    uncertainty_calibration,
 )
 
 # ------------------------------------------------------------------------------------------ ties
@@ -156,3 +157,20 @@ def test_ece_is_reported_for_the_probability_like_confidence_only():
         assert f"test/{d}/AURC" in metrics and f"test/{d}/ECE" not in metrics
         assert f"test/adversarial_linear/{d}/ECE" not in metrics
         assert 0 <= metrics[f"test/top1_consistency/{d}/ECE"] <= 1
+
+
+# ------------------------------------------------------------- CIR per-query uncertainty
+
+
+def test_uncertainty_calibration_hand_computed():
+    uncertainty = torch.tensor([0.1, 0.2, 0.8, 0.9])
+    ranks = torch.tensor([0, 0, 5, 20])  # the two surest queries are R@1 hits
+    out = uncertainty_calibration(uncertainty, ranks)
+    assert out["mean"] == pytest.approx(0.5)
+    # bins of increasing confidence have recalls 0, 0, 1, 1
+    assert out["k1/S"] == pytest.approx(-2 / math.sqrt(5))
+    assert out["k1/R2"] == pytest.approx(0.8)
+    assert out["k1/AUROC"] == pytest.approx(1.0)
+    # accepting the surest first: risks 0, 0, 1/3, 2/4
+    assert out["k1/AURC"] == pytest.approx((1 / 3 + 1 / 2) / 4)
+    assert out["k10/AUROC"] == pytest.approx(1.0)  # rank 5 is an R@10 hit, rank 20 is not

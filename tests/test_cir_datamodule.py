@@ -1,28 +1,19 @@
-"""The CIR datamodule and protocol helpers (xmodal.data.cir) on the small shapes world and on the
-cir.md §4 fixture."""
+"""The CIR datamodule (xmodal.data.cir) on the small shapes world: texts, loaders, subsets."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
 
-from test_metrics_retrieval import cir_fixture
 from xmodal.config import compose
 from xmodal.data.base import CIRSplit
 from xmodal.data.cir import (
     CIRDataModule,
-    EvalSubset,
     blip_caption,
-    cirr_submission,
-    fashioniq_summary,
     random_fiq_text,
-    subset_metrics,
-    target_ranks,
     training_texts,
-    write_cirr_submission,
 )
 
 
@@ -193,98 +184,6 @@ def test_fashioniq_test_split_and_non_cir_data_are_refused(shapes_world):
         dm.setup("test")
     with pytest.raises(ValueError, match="not a composed image retrieval dataset"):
         _datamodule(["data=shapes_coco"])
-
-
-# ----------------------------------------------------------------------------- protocol
-
-
-def _fixture_subset(family: str, remove_reference: bool, with_target: bool = True):
-    pred, gallery, target, reference, members = cir_fixture()
-    names = [f"img{i:02d}" for i in range(64)]
-    split = CIRSplit(
-        name=f"{family}_fixture",
-        protocol="clip4cir",
-        reference=[names[i] for i in reference],
-        text=[f"q{i}" for i in range(20)],
-        target=[names[i] for i in target] if with_target else None,
-        gallery=names,
-        name_to_path={},
-        remove_reference=remove_reference,
-        pair_ids=list(range(100, 120)),
-        members=[[names[i] for i in row] for row in members] if family == "cirr" else None,
-    )
-    return EvalSubset.build("dress" if family == "fashioniq" else "", family, split), pred, gallery
-
-
-def test_subset_metrics_reproduce_the_official_values():
-    # cir.md §4: CLIP4Cir FIQ protocol A R@10 = 10, R@50 = 75; masked reference R@50 = 80
-    subset, q, g = _fixture_subset("fashioniq", remove_reference=False)
-    out = subset_metrics(subset, q, g)
-    assert (out["dress/R@10"], out["dress/R@50"]) == pytest.approx((10.0, 75.0))
-    subset, q, g = _fixture_subset("fashioniq", remove_reference=True)
-    out = subset_metrics(subset, q, g)
-    assert [out[f"dress/R@{k}"] for k in (1, 5, 10, 50)] == pytest.approx([0, 5, 10, 80])
-    subset, q, g = _fixture_subset("cirr", remove_reference=True)
-    expected = {"R@1": 0, "R@5": 5, "R@10": 10, "R@50": 80, "Rs@1": 10, "Rs@2": 35, "Rs@3": 65}
-    out = subset_metrics(subset, q, g)
-    assert {k: out[k] for k in expected} == pytest.approx(expected)
-    assert out["avg"] == pytest.approx((5 + 10) / 2)
-
-
-def test_fashioniq_summary():
-    per_cat = {f"{c}/R@{k}": v for c, v in (("a", 10.0), ("b", 30.0)) for k in (1, 5, 10, 50)}
-    per_cat["b/R@50"] = 50.0
-    out = fashioniq_summary(per_cat, ["a", "b"])
-    assert out["avg/R@10"] == out["R@10"] == 20.0
-    assert out["avg/R@50"] == out["R@50"] == 30.0
-    assert out["avg"] == 25.0
-
-
-def test_cirr_submission_format(tmp_path):
-    subset, q, g = _fixture_subset("cirr", remove_reference=True, with_target=False)
-    recall, recall_subset = cirr_submission(subset, q, g)
-    assert recall["version"] == recall_subset["version"] == "rc2"
-    assert (recall["metric"], recall_subset["metric"]) == ("recall", "recall_subset")
-    assert set(recall) - {"version", "metric"} == {str(p) for p in range(100, 120)}
-    scores = q @ g.T
-    for i in range(20):
-        ranked, ref = recall[str(100 + i)], subset.split.reference[i]
-        assert len(ranked) == 50 and ref not in ranked and len(set(ranked)) == 50
-        values = [scores[i, int(n[3:])].item() for n in ranked]
-        assert values == sorted(values, reverse=True)
-        best = recall_subset[str(100 + i)]
-        others = [m for m in subset.split.members[i] if m != ref]
-        expected = sorted(others, key=lambda n: -scores[i, int(n[3:])].item())[:3]
-        assert best == expected
-    paths = write_cirr_submission(tmp_path, "test1", recall, recall_subset)
-    assert [p.name for p in paths] == [
-        "recall_submission_test1.json",
-        "recall_subset_submission_test1.json",
-    ]
-    assert json.loads(paths[0].read_text()) == recall
-    # a gallery smaller than 51 gives lists of gallery size - 1
-    names = [f"g{i}" for i in range(8)]
-    tiny = CIRSplit("cirr_tiny", "clip4cir", ["g0"], ["x"], None, names, {}, True,
-                    pair_ids=[7], members=[names[:6]])  # fmt: skip
-    recall, recall_subset = cirr_submission(EvalSubset.build("", "cirr", tiny), q[:1], g[:8])
-    assert len(recall["7"]) == 7 and "g0" not in recall["7"]
-    assert len(recall_subset["7"]) == 3 and set(recall_subset["7"]) <= set(names[1:6])
-
-
-def test_restrict_keeps_consistent_queries():
-    subset, q, g = _fixture_subset("cirr", remove_reference=True)
-    g_seen = torch.ones(64, dtype=torch.bool)
-    g_seen[subset.target[0]] = False  # query 0 loses its target
-    q_seen = torch.ones(20, dtype=torch.bool)
-    q_seen[5] = False
-    small, g_keep, q_keep = subset.restrict(g_seen, q_seen)
-    dropped = {0, 5} | {i for i in range(20) if bool((subset.members[i] == subset.target[0]).any())}
-    assert q_keep.tolist() == [i for i in range(20) if i not in dropped]
-    assert len(small.split.gallery) == 63 and len(g_keep) == 63
-    assert [small.split.gallery[i] for i in small.target.tolist()] == small.split.target
-    assert [small.split.gallery[i] for i in small.reference.tolist()] == small.split.reference
-    ranks = target_ranks(small, q[q_keep], g[g_keep])
-    assert ranks.shape == (len(q_keep),)
 
 
 class _DrawDataset(torch.utils.data.Dataset):

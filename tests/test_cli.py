@@ -51,7 +51,7 @@ def test_train_writes_run_dir_checkpoints_and_export(pretrained):
     # test_ckpt=best (default): the exported backbone holds the best checkpoint's weights
     import torch
 
-    from xmodal.backbones.config import read_checkpoint
+    from xmodal.backbones.weights import read_checkpoint
 
     assert metrics["val/best/R@1"] >= metrics["val/R@1"] - 1e-6
     best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)

@@ -187,3 +187,22 @@ def test_uclip_metrics_and_plots_reach_wandb_offline(xmodal_env, shapes_world, t
 
 def test_list_configs_sees_packaged_experiments():
     assert "shapes/retrieval" in list_configs("experiment")
+
+
+def test_a_missing_extra_names_the_install_command(xmodal_env, monkeypatch):
+    import importlib.util
+
+    from xmodal import extras
+    from xmodal.errors import ConfigError
+    from xmodal.pipeline import check_extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    cfg = compose("eval", ["experiment=shapes/retrieval_untrained", "logger=wandb"])
+    with pytest.raises(ConfigError, match=r"pip install 'xmodal\[wandb\]'$"):
+        check_extras(cfg)
+    check_extras(compose("eval", ["experiment=shapes/retrieval_untrained", "logger=csv"]))
+    for module, (extra, _) in extras.EXTRAS.items():
+        assert str(extras.missing(module)).endswith(f"pip install 'xmodal[{extra}]'")

@@ -15,8 +15,8 @@ from xmodal.methods.hug import (
     HUG,
     HUGConfig,
     UncertaintyEstimator,
-    _distance_score,
     coordination_loss,
+    distance_score,
     fine_grained_contrast,
     fuse_uncertainty,
     fusion_weights,
@@ -439,14 +439,16 @@ def test_checkpoints_leave_out_the_frozen_vit_and_load_strictly(tiny):
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="variant=official"):
-        HUG.__new__(HUG)._checked(HUGConfig(variant="official", fusion="static"))
-    with pytest.raises(ValueError, match="fc_neg"):
-        HUG._checked(HUGConfig(granularity="global"))
-    with pytest.raises(ValueError, match="text_pass"):
-        HUG._checked(HUGConfig(text_pass="none"))
-    with pytest.raises(ValueError, match="use_sigma_m"):
-        HUG._checked(HUGConfig(use_sigma_m=False))
+    from xmodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="variant=official"):
+        HUGConfig(variant="official", fusion="static").check()
+    with pytest.raises(ConfigError, match="fc_neg"):
+        HUGConfig(granularity="global").check()
+    with pytest.raises(ConfigError, match="method.text_pass='none' is not one of"):
+        HUGConfig(text_pass="none").check()
+    with pytest.raises(ConfigError, match="use_sigma_m"):
+        HUGConfig(use_sigma_m=False).check()
 
 
 def test_ranking_uses_the_expected_distance_chunked():
@@ -457,7 +459,7 @@ def test_ranking_uses_the_expected_distance_chunked():
     gallery = torch.stack([torch.randn(30, 12, generator=g), torch.rand(30, 12, generator=g)], 1)
     dense = expected_distance(queries[:, 0], queries[:, 1], gallery[:, 0], gallery[:, 1])
     target = torch.arange(9) * 3
-    kw = {"score_fn": _distance_score, "largest": False, "chunk_size": 4}
+    kw = {"score_fn": distance_score, "largest": False, "chunk_size": 4}
     ranks = rank_of(queries, gallery, target, gallery_chunk_size=7, **kw)
     expected = (dense < dense.gather(1, target[:, None])).sum(1)
     assert torch.equal(ranks, expected)
@@ -552,28 +554,31 @@ def test_cli_fashioniq_run_writes_metrics_and_uncertainties(xmodal_env, shapes_w
     assert metrics["test/avg/R@10"] == pytest.approx(avg10)
     assert metrics["test/ms_per_query"] > 0 and "val/avg" in metrics
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    rows = list(csv.DictReader((run / "uncertainty_test.csv").open()))
-    assert len(rows) == sum(metrics[f"test/{c}/num_queries"] for c in ("dress", "shirt", "toptee"))
-    assert all(float(r["sigma_q2"]) > 0 and int(r["rank"]) >= 0 for r in rows)
-    # the exported per-query target ranks reproduce the logged recalls and calibration exactly
+    # per category: the protocol's uncertainty file (docs/cir.md) with HUG's sources beside it
     from xmodal.metrics.calibration import confidence_auroc
+    from xmodal.protocols.cir import UNCERTAINTY_COLUMNS
 
     for cat in ("dress", "shirt", "toptee"):
-        mine = [r for r in rows if r["block"] == cat]
-        ranks = torch.tensor([int(r["rank"]) for r in mine])
+        rows = list(csv.DictReader((run / "uncertainty" / f"test_{cat}.csv").open()))
+        extras = ["sigma_r2", "sigma_t2", "sigma_m2"]
+        assert list(rows[0]) == [*UNCERTAINTY_COLUMNS, *extras]
+        assert len(rows) == metrics[f"test/{cat}/num_queries"]
+        assert all(float(r["uncertainty"]) > 0 and int(r["target_rank"]) >= 0 for r in rows)
+        # the exported target ranks reproduce the logged recalls and calibration exactly
+        ranks = torch.tensor([int(r["target_rank"]) for r in rows])
         for k in (1, 5, 10, 50):
             recall = 100 * (ranks < k).double().mean().item()
             assert metrics[f"test/{cat}/R@{k}"] == pytest.approx(recall, abs=1e-4), (cat, k)
-        confidence = -torch.tensor([float(r["sigma_q2"]) for r in mine], dtype=torch.float64)
+        confidence = -torch.tensor([float(r["uncertainty"]) for r in rows], dtype=torch.float64)
         auroc = confidence_auroc(confidence, ranks < 10)
-        assert metrics[f"test/{cat}/calibration@10/AUROC"] == pytest.approx(
+        assert metrics[f"test/{cat}/uncertainty/k10/AUROC"] == pytest.approx(
             auroc, rel=1e-5, nan_ok=True
         )
     module = load_run(run)  # the checkpoint alone rebuilds the model (its ViT left out)
     assert isinstance(module, HUG) and not module.training
-    # the uCLIP calibration metrics on HUG's query uncertainty, hits at R@10
+    # the uCLIP calibration metrics on HUG's query uncertainty, hits at R@1 and R@10
     for name in ("S", "R2", "-SR2", "AUROC", "AURC"):
-        assert f"test/dress/calibration@10/{name}" in metrics
+        assert {f"test/dress/uncertainty/k{k}/{name}" for k in (1, 10)} <= set(metrics)
 
 
 @pytest.mark.slow

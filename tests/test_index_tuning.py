@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from xmodal.data.base import DatasetLayoutError
+from xmodal.data.collection import Collection, read_collection
 from xmodal.retrieval import clip_index, tuning
 from xmodal.retrieval.clip_index import ClipIndex, IndexOptions
 from xmodal.retrieval.search import topk
@@ -179,10 +180,10 @@ def test_parse_size():
 
 
 @pytest.fixture
-def small_build(tmp_path) -> tuple[Path, clip_index.Collection]:
+def small_build(tmp_path) -> tuple[Path, Collection]:
     from test_xmore_index import ENCODER, FakeEncoder, write_table_collection
 
-    collection = clip_index.read_collection(write_table_collection(tmp_path / "c", 40))
+    collection = read_collection(write_table_collection(tmp_path / "c", 40))
     folder = tmp_path / "index"
     options = IndexOptions(factory="IVF2,Flat", tune_k=8)
     clip_index.build(folder, collection, FakeEncoder(), ENCODER, options=options)
@@ -223,7 +224,7 @@ def test_a_corrupt_index_file_of_the_recorded_size_is_caught_at_reading(small_bu
 def test_an_unfinished_build_is_refused(tmp_path):
     from test_xmore_index import ENCODER, FakeEncoder, write_table_collection
 
-    collection = clip_index.read_collection(write_table_collection(tmp_path / "c", 25))
+    collection = read_collection(write_table_collection(tmp_path / "c", 25))
     folder = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         clip_index.build(folder, collection, FakeEncoder(fail_after=2), ENCODER, partition_size=10)

@@ -7,15 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from retrieval_reference import cirr_recall, fashioniq_recall, recall_at_k
 from xmodal.metrics.retrieval import (
-    RetrievalRecallMetric,
-    cirr_recall,
     cirr_recall_from_embeddings,
     fashioniq_average,
-    fashioniq_recall,
     image_text_recall,
     positive_ranks,
-    recall_at_k,
     recall_from_embeddings,
 )
 
@@ -161,24 +158,6 @@ def test_recall_from_embeddings_with_ties_and_distances():
         queries, gallery, q_labels, g_labels, ks, chunk_size=6, score_fn=sq_dist, largest=False
     )
     assert got == brute_recall(sq_dist(queries, gallery), truth, ks, largest=False)
-
-
-def test_torchmetrics_wrapper_equals_functional():
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(25, 30, generator=gen)
-    positives = torch.rand(25, 30, generator=gen) < 0.1
-    metric = RetrievalRecallMetric(ks=(1, 5, 10))
-    metric.update(positive_ranks(scores[:12], positives[:12], 10))
-    metric.update(positive_ranks(scores[12:], positives[12:], 10))
-    got = {k: v.item() for k, v in metric.compute().items()}
-    expected = recall_at_k(scores, positives, (1, 5, 10))
-    assert got == {f"R@{k}": v for k, v in expected.items()}
-    metric.reset()
-    with pytest.warns(UserWarning, match="before the ``update``"):
-        assert torch.isnan(metric.compute()["R@1"])
-    subset = RetrievalRecallMetric(ks=(1, 2), prefix="Rs@")
-    subset.update(torch.tensor([0, 1, 3, 1]))
-    assert {k: v.item() for k, v in subset.compute().items()} == {"Rs@1": 0.25, "Rs@2": 0.75}
 
 
 # ----------------------------------------------------------------------------- CIRR

@@ -19,7 +19,6 @@ from xmodal.methods.ruir import (
     isu_loss,
     kl_loss,
     multistep_with_warmup,
-    uncertainty_calibration,
 )
 from xmodal.probabilistic import kl_to_prior, reparameterize
 
@@ -457,23 +456,6 @@ def test_baseline_step_uses_every_trainable_parameter(tiny_clip):
     }
     module.training_step(batch, 0).backward()
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
-
-
-# ----------------------------------------------------------------------------- calibration
-
-
-def test_uncertainty_calibration_hand_computed():
-    uncertainty = torch.tensor([0.1, 0.2, 0.8, 0.9])
-    ranks = torch.tensor([0, 0, 5, 20])  # the two surest queries are R@1 hits
-    out = uncertainty_calibration(uncertainty, ranks)
-    assert out["mean"] == pytest.approx(0.5)
-    # bins of increasing confidence have recalls 0, 0, 1, 1
-    assert out["k1/S"] == pytest.approx(-2 / math.sqrt(5))
-    assert out["k1/R2"] == pytest.approx(0.8)
-    assert out["k1/AUROC"] == pytest.approx(1.0)
-    # accepting the surest first: risks 0, 0, 1/3, 2/4
-    assert out["k1/AURC"] == pytest.approx((1 / 3 + 1 / 2) / 4)
-    assert out["k10/AUROC"] == pytest.approx(1.0)  # rank 5 is an R@10 hit, rank 20 is not
 
 
 def test_method_typo_fails_at_compose_time(xmodal_env):

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from xmodal import inputs
 from xmodal.errors import BrokenFileError, RunConflictError
-from xmodal.retrieval.cache import EmbeddingCache, digest
+from xmodal.inputs import digest
+from xmodal.retrieval.cache import EmbeddingCache
 from xmodal.runs import RunDir, RunLock, atomic_write_json, is_finished
 
 

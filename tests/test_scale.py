@@ -1,5 +1,6 @@
 """Scale and operations on CPU processes: DDP (gloo) parity, sweeps through submitit's local
-executor, resume after a kill, W&B offline, tables from run directories, load_run."""
+executor, resume after a kill, checkpoints on a signal that resume exactly, W&B offline, tables
+from run directories, load_run. (On a real SLURM cluster: tests/test_slurm.py.)"""
 
 from __future__ import annotations
 
@@ -303,3 +304,55 @@ def test_table_from_runs_of_two_methods(out_env):
     assert r"\begin{tabular}" in tex and r"\dagger" in tex
     table = list(csv.reader(written["csv"].read_text().splitlines()))
     assert len(table) == 4 and [line[2] for line in table[1:]] == ["True", "True", "False"]
+
+
+SIGNALLED = [*SMALL, "experiment=shapes/clip_pretrain", "data.batch_size=8"]
+SIGNALLED += ["trainer.max_epochs=5", "trainer.log_every_n_steps=1"]
+SIGNALLED += ["+callbacks.signal_at._target_=signal_helpers.SignalAt"]  # XMODAL_TEST_SIGNAL_AT
+
+
+def _signal_env(out_env: dict[str, str], out: Path, at: str | None = None) -> dict[str, str]:
+    env = _env(out_env, XMODAL_OUTPUT=str(out))
+    env["PYTHONPATH"] += os.pathsep + str(REPO / "tests")  # signal_helpers.SignalAt
+    if at:
+        env["XMODAL_TEST_SIGNAL_AT"] = at
+    return env
+
+
+@pytest.fixture(scope="module")
+def signal_reference(xmodal_env, shapes_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("signal_reference")
+    _cli("train", SIGNALLED, _signal_env(xmodal_env, out))
+    return _run_dir("train", SIGNALLED, {"XMODAL_OUTPUT": str(out)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "at",
+    ["1:2:SIGTERM", "2:5:SIGUSR2", "4:5:SIGTERM"],  # 6 batches per epoch, 5 epochs
+    ids=["mid_epoch", "last_batch_of_an_epoch", "last_batch_of_the_run"],
+)
+def test_signal_checkpoint_resumes_exactly_like_an_uninterrupted_run(
+    out_env, tmp_path, signal_reference, at
+):
+    """SIGTERM or SIGUSR2 in training: checkpoint after the batch (or after the epoch's
+    validation when it follows the batch), stop; resume=auto then gives the uninterrupted run's
+    metrics and log, row for row."""
+    epoch, batch, name = at.split(":")
+    env = _signal_env(out_env, tmp_path / "out", at)
+    res = _cli("train", SIGNALLED, env, ok=False)
+    assert res.returncode == 128 + signal.Signals[name], res.stderr[-3000:]
+    run = _run_dir("train", SIGNALLED, {"XMODAL_OUTPUT": str(tmp_path / "out")})
+    assert not (run / "metrics.json").exists()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert f"{name} during training: saved {run / 'checkpoints' / 'last.ckpt'}" in info["error"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["xmodal_resume"]["loader_position"] == (int(epoch), int(batch) + 1)
+    assert ckpt["global_step"] == 6 * int(epoch) + int(batch) + 1
+    env.pop("XMODAL_TEST_SIGNAL_AT")
+    _cli("train", [*SIGNALLED, "resume=auto"], env)
+    assert read_metrics(run) == read_metrics(signal_reference)
+    assert (run / "csv" / "metrics.csv").read_text() == (
+        signal_reference / "csv" / "metrics.csv"
+    ).read_text()

@@ -16,14 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xmodal.data.base import DatasetLayoutError
+from xmodal.data.collection import expand_braces, read_collection
 from xmodal.retrieval import clip_index
-from xmodal.retrieval.clip_index import (
-    ClipIndex,
-    IndexOptions,
-    auto_factory,
-    expand_braces,
-    read_collection,
-)
+from xmodal.retrieval.clip_index import ClipIndex, IndexOptions, auto_factory
 from xmodal.retrieval.search import topk
 
 DIM = 16

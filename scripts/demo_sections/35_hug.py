@@ -43,5 +43,13 @@ def section(demo) -> None:
     print(
         f"  training gains {gain_fiq:+.1f} (FashionIQ avg) and {gain_cirr:+.1f} (CIRR avg) points;"
         f" per-query uncertainties: {demo.run_dir('train', ['experiment=hug/shapes_cirr'])}"
-        "/uncertainty_test.csv"
+        "/uncertainty/test_cirr_val.csv"
+    )
+    # RUIR (section ruir) and HUG under one protocol: the same keys, one table (docs/cir.md)
+    m = fiq["trained"]
+    auroc = [m[f"test/{c}/uncertainty/k10/AUROC"] for c in cats]
+    print(
+        "  per-query uncertainty vs R@10 hits, AUROC per category: "
+        + ", ".join(f"{c} {a:.2f}" for c, a in zip(cats, auroc))
+        + "; RUIR beside HUG: `xmodal-table table=cir_shapes`"
     )

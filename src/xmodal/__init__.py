@@ -1,11 +1,19 @@
 """xmodal: uncertainty for cross-modal and composed image retrieval (uCLIP, RUIR, HUG, X-MoRe)."""
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-try:  # one source of truth: the installed package's metadata (pyproject.toml)
-    __version__ = version("xmodal")
-except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
-    __version__ = "0.0.0+unknown"
+
+def __getattr__(name: str) -> Any:
+    """``__version__`` from the installed package's metadata (pyproject.toml is the one source),
+    looked up on first use: importing ``importlib.metadata`` costs every command start-up."""
+    if name != "__version__":
+        raise AttributeError(f"module 'xmodal' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xmodal")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return "0.0.0+unknown"
 
 
 def load_run(run_dir, checkpoint: str = "best"):

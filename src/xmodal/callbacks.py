@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import random
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("xmodal")
@@ -110,3 +117,271 @@ class PlainProgress(pl.Callback):
 
     def on_predict_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         self._step(trainer, "encode", trainer.num_predict_batches)
+
+
+def _random_state() -> dict[str, Any]:
+    """This process's random state in types ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_random_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            log.warning(
+                "the checkpoint holds the CUDA random state of %d device(s), this process sees "
+                "%d: the CUDA random state is not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+
+
+class ExactResume(pl.Callback):
+    """Checkpoints written in the middle of an epoch resume exactly where they were written.
+
+    Every checkpoint carries each rank's random state (torch, CUDA, numpy, python), the
+    training loader's position (epoch, batches trained on in it;
+    :class:`xmodal.data.datamodule.ResumableLoader`) and the latest logged metrics (a run resumed
+    after its last epoch reports its last validation): ``checkpoint["xmodal_resume"]``. When a
+    resumed run starts training, before its first batch is drawn, the random state is put
+    back and the loader skips the batches already trained on, so batches, dropout masks,
+    augmentations and sampled noise continue as in the uninterrupted run.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._metrics: dict[str, float] = {}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = _random_state()  # every rank takes part: checkpoints are saved by all of them
+        states: list[Any] = [state]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)
+        loader = trainer.train_dataloader
+        checkpoint["xmodal_resume"] = {
+            "random_state": states,
+            "loader_position": getattr(loader, "position", None),
+            # the last validation's metrics: a run resumed after its last epoch reports them
+            "callback_metrics": {
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if not isinstance(v, torch.Tensor) or v.numel() == 1
+            },
+        }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._pending = checkpoint.get("xmodal_resume")
+        self._metrics = (self._pending or {}).get("callback_metrics") or {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = {}  # superseded by this validation's
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # resumed after the last validation (a signal or a kill after the last epoch): the fit
+        # ends with the metrics it had when the checkpoint was written
+        metrics, self._metrics = self._metrics, {}
+        for key, value in metrics.items():
+            trainer.callback_metrics.setdefault(key, torch.tensor(value))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the resumed epoch's data iterator exists, its first batch is not drawn yet: where the
+        # uninterrupted run stood when it wrote the checkpoint (Lightning does not call
+        # on_train_epoch_start again for an epoch it resumes in the middle)
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        states = pending.get("random_state") or []
+        if len(states) == trainer.world_size:
+            _set_random_state(states[trainer.global_rank])
+        elif states:
+            log.warning(
+                "the checkpoint holds the random state of %d process(es), this run has %d: "
+                "training continues from the current random state",
+                len(states),
+                trainer.world_size,
+            )
+        position = pending.get("loader_position")
+        loader = trainer.train_dataloader
+        if position and hasattr(loader, "resume_at"):
+            epoch, batches = position
+            loader.resume_at(int(epoch), int(batches))
+            if epoch == trainer.current_epoch and batches and trainer.is_global_zero:
+                log.info("resuming epoch %d after its first %d batch(es)", epoch, batches)
+
+
+def _evaluation_follows(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether validation or the epoch's end (and their checkpoints) come right after this batch.
+    A run resumed from a checkpoint written there would skip them, so a signal waits for them."""
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    every = trainer.val_check_batch
+    if isinstance(every, (int, float)) and every not in (0, float("inf")):
+        every = int(every)
+        return (batch_idx + 1) % every == 0 or trainer.global_step % every == 0
+    return False
+
+
+def requeue_signal() -> signal.Signals:
+    """The signal SLURM sends before a job's time limit (``--signal``, submitit's
+    ``signal_delay_s``) or on preemption: SIGUSR2 (submitit's ``SUBMITIT_PREEMPT_SIGNAL``)."""
+    return signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+
+
+def in_slurm_batch_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
+
+
+class TrainingStopped(SystemExit):
+    """Training stopped on a signal after saving its checkpoint; ``str()`` says what happened,
+    the exit status is ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointOnSignal(Checkpoint):
+    """SIGTERM or the requeue signal (:func:`requeue_signal`) during training: finish the current
+    batch, save ``<run_dir>/checkpoints/last.ckpt`` (atomically, with the loader position and the
+    random state: :class:`ExactResume`), and stop. ``resume=auto`` then continues from exactly
+    that batch. When validation or the epoch's end follows the batch, they run first (a run
+    resumed after them would skip them) and the checkpoint is written at the next batch's end or
+    the epoch's end. It is a ``Checkpoint`` callback so that Lightning runs it after the other
+    checkpoint callbacks (the best-so-far and every-epoch checkpoints are saved before it acts).
+
+    In a SLURM job the requeue signal (``signal_delay_s`` before the time limit, or a preemption
+    notice) also requeues the job: through submitit when it launched the job (it records the
+    requeued job's arguments), with ``scontrol requeue`` otherwise. SIGTERM does not requeue:
+    SLURM requeues a preempted job itself, and ``scancel`` means stop. With several processes, the
+    ranks agree after every batch (one all-reduce of a flag) and stop at the same batch.
+    """
+
+    monitor = None  # not a best-by-metric checkpoint (cf. monitored_checkpoint)
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        if self.received != requeue_signal():  # the requeue signal wins over SIGTERM
+            self.received = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning's own SIGTERM handler (registered when fit starts): during training,
+        # this one decides (Lightning's would stop at the epoch's end without a checkpoint)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.received = None
+        for signum in (requeue_signal(), signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._receive)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore_handlers()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        signum = self._agreed(trainer)
+        if signum and not _evaluation_follows(trainer, batch_idx):
+            # Lightning logs this batch's step metrics after this hook, which will not return:
+            # log them now, as it would have (else the row is missing from the resumed run's log)
+            connector = getattr(trainer, "_logger_connector", None)
+            if connector is not None and hasattr(connector, "update_train_step_metrics"):
+                connector.update_train_step_metrics()
+            self._stop(trainer, signum)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a signal at the epoch's last batch or during its validation: stop after them and after
+        # the other checkpoint callbacks saved (a Checkpoint callback, this one runs after them)
+        signum = self._agreed(trainer)
+        if signum:
+            self._stop(trainer, signum)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        signum = self._agreed(trainer)
+        if signum:  # after the last epoch: training is complete
+            self._stop(trainer, signum)
+        self._restore_handlers()
+
+    def _agreed(self, trainer: pl.Trainer) -> int | None:
+        """The signal every rank acts on: the requeue signal if any rank got it, else SIGTERM if
+        any got it (2, 1, 0 all-reduced with max)."""
+        code = {None: 0, signal.SIGTERM: 1}.get(self.received, 2)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([code], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            code = int(flag.item())
+        return {0: None, 1: signal.SIGTERM, 2: requeue_signal()}[code]
+
+    def _stop(self, trainer: pl.Trainer, signum: int) -> None:
+        name = signal.Signals(signum).name
+        tmp = self.path.with_name(f".{self.path.name}.signal.tmp")
+        trainer.save_checkpoint(tmp)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        for logger in trainer.loggers:
+            logger.save()
+        what = f"saved {self.path} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        requeue = signum == requeue_signal() and in_slurm_batch_job()
+        message = f"{name} during training: {what}; stopping" + (
+            " and requeueing the SLURM job" if requeue else ""
+        )
+        if trainer.is_global_zero:
+            log.warning(message)
+        handler = self._previous.get(signum)
+        self._restore_handlers()
+        if requeue:
+            self._requeue(trainer, signum, handler)
+        raise TrainingStopped(message, 128 + signum)
+
+    @staticmethod
+    def _requeue(trainer: pl.Trainer, signum: int, handler: Any) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and callable(handler):
+            try:  # submitit: rank 0 records the requeued job's arguments, requeues, exits
+                handler(signum, None)
+            except SystemExit:
+                pass
+            return
+        if trainer.is_global_zero:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = (
+                f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+                if array
+                else os.environ["SLURM_JOB_ID"]
+            )
+            subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)

@@ -12,6 +12,7 @@ command-line overrides that change the result (not ``force``, ``resume``, logger
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,23 +47,27 @@ def conf_dir() -> Path:
 # Run identity
 # ----------------------------------------------------------------------------------------------
 
-#: Overrides that do not change a run's result, so they do not change its directory.
-NEUTRAL_OVERRIDE_PREFIXES = (
+#: Config keys that do not change a run's result: they change neither its directory (as
+#: overrides) nor whether a finished run is current (``xmodal.runs.result_config``).
+NEUTRAL_KEYS = (
     "force",
     "resume",
-    "experiment",
+    "print_config",
+    "verbose",
     "hydra",
     "logger",
-    "launcher",
     "paths",
+    "tags",
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.accelerator",
     "trainer.strategy",
     "trainer.enable_progress_bar",
     "data.num_workers",
-    "print_config",
 )
+#: Overrides that do not change a run's directory: the neutral keys, plus the experiment (it
+#: names the directory already) and the launcher (where the job runs).
+NEUTRAL_OVERRIDE_PREFIXES = (*NEUTRAL_KEYS, "experiment", "launcher")
 
 
 def _override_key(override: str) -> str:
@@ -114,6 +119,9 @@ def _run_name(experiment: str | None) -> str:
 
 
 def _register_resolvers() -> None:
+    from xmodal.slurm import register_resolvers as register_slurm_resolvers
+
+    register_slurm_resolvers()  # xmodal.slurm_tasks, xmodal.slurm_gpus, xmodal.times
     if not OmegaConf.has_resolver("xmodal.run_hash"):
         OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
@@ -252,18 +260,12 @@ OPTION_SCHEMAS: dict[tuple[str, str], str] = {
 }
 
 
-def _load_schema(path: str) -> type | None:
-    """Import ``"module:Class"``; None while that module does not exist (not yet implemented)."""
+def _load_schema(path: str) -> type:
+    """Import ``"module:Class"`` (a torch-free schema module)."""
     import importlib
 
     module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
-    return getattr(module, attr)
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def register_configs() -> None:
@@ -275,9 +277,11 @@ def register_configs() -> None:
     for group, schema in _group_schemas().items():
         cs.store(group=group, name="_schema", node=schema)
     for (group, name), path in OPTION_SCHEMAS.items():
-        schema = _load_schema(path)
-        if schema is not None:
-            cs.store(group=group, name=f"_schema_{name}", node=schema)
+        cs.store(group=group, name=f"_schema_{name}", node=_load_schema(path))
+    # stores hydra/launcher=xmodal_slurm; only with the slurm extra (the CLI names the extra to
+    # install when launcher=slurm is asked for without it)
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        import hydra_plugins.xmodal_slurm  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,9 +379,11 @@ def open_dict(cfg: DictConfig):
 
 
 def list_configs(group: str, pattern: str = "*") -> list[str]:
-    """Names of the YAML options of a config group (``experiment`` is searched recursively)."""
+    """Names of the YAML options of a config group (``experiment`` is searched recursively).
+    Files named ``_<name>.yaml`` are parts the options share (``data/_shapes``), not options."""
     import fnmatch
 
     base = conf_dir() / group
-    names = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml"))
+    paths = [p for p in base.rglob("*.yaml") if not p.name.startswith("_")]
+    names = sorted(str(p.relative_to(base).with_suffix("")) for p in paths)
     return [n for n in names if fnmatch.fnmatch(n, pattern)]

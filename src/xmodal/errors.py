@@ -9,6 +9,7 @@ code 2; ``verbose=true`` adds the traceback. Anything else is a bug and keeps it
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 #: Exit code of a CLI that stopped on an expected failure.
 EXIT_EXPECTED = 2
@@ -41,6 +42,14 @@ class RunConflictError(XmodalError, RuntimeError):
 
 class ConfigError(XmodalError, ValueError):
     """A config value or override that cannot work (unknown key, impossible combination)."""
+
+
+def check_choice(key: str, value: object, allowed: Iterable[object]) -> None:
+    """Refuse a config value outside its choices: ``ConfigError`` naming the key (as the user
+    writes it, e.g. ``method.ua_mode``), the value and the allowed ones."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}")
 
 
 def broken_file(path: object, problem: str, fix: str) -> BrokenFileError:

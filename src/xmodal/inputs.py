@@ -37,6 +37,16 @@ def fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
     return [st.st_size, st.st_mtime_ns]
 
 
+def digest(items: Iterable[Any]) -> str:
+    """Stable hash of a list of strings/paths as written (the item list of a split), in order;
+    :func:`content_digest` hashes the files' fingerprints instead."""
+    h = hashlib.sha1()
+    for item in items:
+        h.update(str(item).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def content_digest(refs: Iterable[Any]) -> str:
     """One hash of the fingerprints of ``refs`` in order: it changes when any of the files is
     replaced, rewritten, added or removed (the embedding cache keys images on it)."""

@@ -3,8 +3,10 @@
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, so a run continued
 with ``resume=auto`` lost every row logged before the interruption. ``CSVLogger`` here keeps the
 file; when training starts, the rows of the epoch the run resumes at and later (logged before the
-interruption, and logged again now) are dropped, so each epoch appears once. Rows are written
-with every checkpoint, so those a checkpoint covers are on disk when a run is killed.
+interruption, and logged again now) are dropped, so each epoch appears once; a run resumed in the
+middle of an epoch (from a checkpoint written on a signal) keeps that epoch's rows logged before
+the checkpoint. Rows are written with every checkpoint, so those a checkpoint covers are on disk
+when a run is killed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ class _KeepingWriter(ExperimentWriter):
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
     def drop_from(self, epoch: int, step: int) -> int:
-        """Remove the rows logged at ``epoch`` or later (rows without an epoch, such as the
-        learning-rate monitor's: at logging ``step`` or later); returns how many were removed."""
+        """Remove the rows a resumed run logs again: those of later epochs, and those of ``epoch``
+        (the one it resumes in, maybe in its middle) and of no epoch (the learning-rate
+        monitor's) logged at ``step`` or later; returns how many were removed."""
         self.save()
         if not os.path.isfile(self.metrics_file_path):
             return 0
@@ -38,7 +41,7 @@ class _KeepingWriter(ExperimentWriter):
             fields, rows = list(reader.fieldnames or []), list(reader)
 
         def before(row: dict[str, str]) -> bool:
-            if row.get("epoch"):
+            if row.get("epoch") and float(row["epoch"]) != epoch:
                 return float(row["epoch"]) < epoch
             return not row.get("step") or float(row["step"]) < step
 
@@ -72,10 +75,25 @@ class CSVLogger(_LightningCSVLogger):
 
 
 class ContinueLogs(pl.Callback):
-    """When training starts (after a checkpoint was restored), drop the log rows of the epochs
-    that are about to be trained again."""
+    """Before the first batch a run trains (after a checkpoint was restored), drop the log rows
+    of the steps that are about to be trained again.
+
+    It acts at that batch's start, when Lightning has settled the step it logs with (a run
+    restored from a checkpoint written at a batch's end steps the counter only then), and must
+    come first among the callbacks, before any logs a row for that batch (the learning-rate
+    monitor does): ``xmodal.pipeline.build_trainer`` puts it first.
+    """
+
+    def __init__(self) -> None:
+        self._done = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._done = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if self._done:
+            return
+        self._done = True
         if trainer.global_rank != 0:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers are given

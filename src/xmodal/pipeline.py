@@ -37,9 +37,19 @@ def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     """The Lightning Trainer of ``cfg.trainer`` with this run's loggers and callbacks.
 
     When stdout is not a terminal (a log file, SLURM output), Lightning's progress bar is replaced
-    by plain periodic lines (``xmodal.callbacks.PlainProgress``).
+    by plain periodic lines (``xmodal.callbacks.PlainProgress``). Training runs checkpoint on
+    SIGTERM and on SLURM's requeue signal and carry the random state in their checkpoints, so
+    ``resume=auto`` continues exactly (:mod:`xmodal.callbacks`). Inside a SLURM job Lightning
+    joins the job's tasks (one per rank); its own auto-requeue (SIGUSR1, ``hpc_ckpt_*.ckpt``
+    outside ``checkpoints/``) is off, the callbacks do that job.
     """
-    from xmodal.callbacks import BestWeightsAfterFit, ConfigInCheckpoint, PlainProgress
+    from xmodal.callbacks import (
+        BestWeightsAfterFit,
+        CheckpointOnSignal,
+        ConfigInCheckpoint,
+        ExactResume,
+        PlainProgress,
+    )
     from xmodal.loggers import ContinueLogs
 
     kwargs: dict[str, Any] = {"default_root_dir": cfg.run_dir}
@@ -47,9 +57,11 @@ def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
     if training:
         kwargs["logger"] = _instantiate_group(cfg.get("logger")) or False
         callbacks = [
+            ContinueLogs(),  # first: before any callback logs a row for the first batch
             *_instantiate_group(cfg.get("callbacks")),
             ConfigInCheckpoint(cfg),
-            ContinueLogs(),
+            ExactResume(),
+            CheckpointOnSignal(cfg.run_dir),
         ]
         test_ckpt = cfg.get("test_ckpt", "best")
         if test_ckpt not in ("best", "last"):
@@ -60,6 +72,10 @@ def build_trainer(cfg: DictConfig, *, training: bool) -> pl.Trainer:
         # evaluators shard their own data (xmodal.retrieval.encode.ShardSampler); their metrics
         # reach the loggers at the end (_log_evaluation)
         kwargs.update(logger=False, enable_checkpointing=False, use_distributed_sampler=False)
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("enable_progress_bar", True) and not sys.stdout.isatty():
         trainer_cfg["enable_progress_bar"] = False
@@ -157,12 +173,27 @@ def _prepare(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     from xmodal.data.datamodule import check_data, ensure_shapes_world
 
+    check_extras(cfg)
     ensure_shapes_world(cfg.data, cfg.paths.shapes_dir, rank=run.rank)
     check_data(cfg.data, splits)  # a broken dataset stops here, before any model is built
     inputs.note_config_files(OmegaConf.to_container(cfg, resolve=True), skip=_NOT_WALKED)
     run.start()
     log.info("%s %s: run directory %s", cfg.task, cfg.run_name, run.path)
     return run, None
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """Stop before any work when the run needs an optional package that is not installed, with
+    the one line naming the extra that installs it (:mod:`xmodal.extras`)."""
+    from xmodal import extras
+
+    targets = [str(v.get("_target_", "")) for v in (cfg.get("logger") or {}).values()]
+    if any("Wandb" in t for t in targets):
+        extras.check("wandb")
+    if cfg.backbone.kind in ("blip", "blip2"):
+        extras.check("transformers")
+    if "xmore" in str(cfg.get("evaluator", {}).get("_target_", "")):
+        extras.check("faiss")
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -183,7 +214,7 @@ def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, 
     try:
         model, preprocess, tokenizer = backbones.build(cfg.backbone)
         trainer = build_trainer(cfg, training=False)
-        run.note(world_size=trainer.world_size)
+        _note_trainer(run, trainer)
         evaluator = instantiate(cfg.evaluator)
         ctx = EvalContext(
             cfg=cfg,
@@ -221,7 +252,7 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         method_cls = get_class(cfg.method._target_)
         module, datamodule = method_cls.from_config(cfg)
         trainer = build_trainer(cfg, training=True)
-        run.note(world_size=trainer.world_size)
+        _note_trainer(run, trainer)
         ckpt_path = _resume_path(cfg)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics: dict[str, Any] = {
@@ -245,6 +276,16 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         raise
     finally:
         _finish_loggers(trainer)
+
+
+def _note_trainer(run: RunDir, trainer: pl.Trainer) -> None:
+    """Record how the run is spread: world size and who started its processes (Lightning's
+    cluster environment: SLURMEnvironment under SLURM, LightningEnvironment when it spawns)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    run.note(
+        world_size=trainer.world_size,
+        cluster_environment=type(environment).__name__ if environment is not None else None,
+    )
 
 
 def _resume_path(cfg: DictConfig) -> str | None:

@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal import inputs
+from xmodal.config import NEUTRAL_KEYS
 from xmodal.errors import RunConflictError
 
 log = logging.getLogger("xmodal")
@@ -50,26 +51,8 @@ KEEP_ON_REDO = {"config.yaml", "overrides.yaml", "run.json", LOCK_FILE, PREVIOUS
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
-#: Config keys that do not change a run's result (nor its directory, cf. xmodal.config).
-NEUTRAL_KEYS = (
-    "force",
-    "resume",
-    "print_config",
-    "verbose",
-    "hydra",
-    "logger",
-    "paths",
-    "run_name",
-    "run_hash",
-    "run_dir",
-    "tags",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.accelerator",
-    "trainer.strategy",
-    "trainer.enable_progress_bar",
-    "data.num_workers",
-)
+#: Left out of the result-deciding config: the neutral keys, and the run's own name and place.
+RESULT_NEUTRAL = (*NEUTRAL_KEYS, "run_name", "run_hash", "run_dir")
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -142,10 +125,11 @@ def read_metrics(run_dir: Path | str) -> dict[str, Any]:
 
 
 def result_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config without the keys that do not change the result (``NEUTRAL_KEYS``)."""
+    """The resolved config without the keys that do not change the result
+    (``xmodal.config.NEUTRAL_KEYS``)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     out = json.loads(json.dumps(plain, default=str))  # a deep, JSON-typed copy
-    for key in NEUTRAL_KEYS:
+    for key in RESULT_NEUTRAL:
         *parents, last = key.split(".")
         node = out
         for part in parents:
@@ -441,8 +425,18 @@ class RunDir:
             return
         if not self.lock.held:
             return  # the run never started here (e.g. another process holds it)
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self._update_run_info(status=status, error=f"{type(error).__name__}: {error}")
+        error_text = f"{type(error).__name__}: {error}"
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, a signal, a requeue
+            info = self.info()
+            attempt = {k: info.get(k) for k in ("started", "pid", "host", "slurm_job_id")}
+            attempt["reason"] = error_text
+            self._update_run_info(
+                status="interrupted",
+                error=error_text,
+                interrupted=[*info.get("interrupted", []), attempt],
+            )
+        else:
+            self._update_run_info(status="failed", error=error_text)
         self.lock.release()
 
     def info(self) -> dict[str, Any]:

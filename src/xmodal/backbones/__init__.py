@@ -40,7 +40,6 @@ __all__ = [
     "BackboneConfig",
     "build",
     "check_quick_gelu",
-    "conf_dir",
     "get_config",
     "identity",
     "list_backbones",

@@ -25,7 +25,6 @@ from xmodal.backbones import hf
 from xmodal.backbones import preprocess as pre
 from xmodal.backbones.config import BackboneConfig
 from xmodal.backbones.weights import Weights, construction, load_checked
-from xmodal.errors import ConfigError
 
 CONFIG_KEY = "blip_config"
 DEFAULT_CONTEXT_LENGTH = 30  # LAVIS blip_feature_extractor's max_txt_len (PLI truncates to it)
@@ -94,18 +93,7 @@ def from_hf_names(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[
 
 def check_config(cfg: BackboneConfig) -> dict[str, Any]:
     """The architecture spec, after the checks that need no weights."""
-    if cfg.quick_gelu:
-        raise ConfigError("backbone.quick_gelu is for open_clip only; set it to false for blip.")
-    if cfg.precision not in hf.DTYPES:
-        raise ConfigError(f"backbone.precision={cfg.precision!r}: blip takes {list(hf.DTYPES)}.")
-    spec = hf.load_spec(cfg, CONFIG_KEY)
-    size = spec[CONFIG_KEY].get("vision_config", {}).get("image_size", 384)
-    if cfg.image_size not in (None, size):
-        raise ConfigError(
-            f"backbone.image_size={cfg.image_size} but the {cfg.arch} ViT takes {size} px; "
-            f"set backbone.image_size={size} (or null)."
-        )
-    return spec
+    return hf.check_config(cfg, CONFIG_KEY, default_size=384)
 
 
 def resolve(cfg: BackboneConfig) -> tuple[dict[str, Any], Weights]:

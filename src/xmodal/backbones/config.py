@@ -176,17 +176,3 @@ def hub_cache(cache_dir: str | None) -> str:
 def hub_download_command(repo: str, cache_dir: str | None) -> str:
     """The shell command that pre-downloads a Hugging Face repo into `cache_dir`."""
     return f"hf download {repo}" + (f" --cache-dir {cache_dir}" if cache_dir else "")
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load a weights file safely: (state dict, xmodal metadata or None). Imports torch.
-
-    See `xmodal.backbones.weights.read_file` (which also says what the file is).
-    """
-    from xmodal.backbones.weights import read_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"Backbone checkpoint file not found: {path.resolve()}.")
-    state, meta, _ = read_file(path)
-    return state, meta

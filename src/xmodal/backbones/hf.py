@@ -70,6 +70,25 @@ def load_spec(cfg: BackboneConfig, config_key: str) -> dict[str, Any]:
     )
 
 
+def check_config(cfg: BackboneConfig, config_key: str, default_size: int) -> dict[str, Any]:
+    """The architecture spec of a BLIP or BLIP-2 backbone, after the checks that need no
+    weights (no QuickGELU, a supported precision, the ViT's own input size)."""
+    if cfg.quick_gelu:
+        raise ConfigError(
+            f"backbone.quick_gelu is for open_clip only; set it to false for {cfg.kind}."
+        )
+    if cfg.precision not in DTYPES:
+        raise ConfigError(f"backbone.precision={cfg.precision!r}: {cfg.kind} takes {list(DTYPES)}.")
+    spec = load_spec(cfg, config_key)
+    size = spec[config_key].get("vision_config", {}).get("image_size", default_size)
+    if cfg.image_size not in (None, size):
+        raise ConfigError(
+            f"backbone.image_size={cfg.image_size} but the {cfg.arch} ViT takes {size} px; "
+            f"set backbone.image_size={size} (or null)."
+        )
+    return spec
+
+
 def _hub_id(spec_name: str) -> str | None:
     spec = json.loads((MODEL_CONFIG_DIR / f"{spec_name}.json").read_text(encoding="utf-8"))
     return spec.get("hub_id")

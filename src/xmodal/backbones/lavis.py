@@ -6,7 +6,8 @@ Most BLIP-2 CIR work, HUG's released code included, loads LAVIS checkpoints
 checkpoints (`model_base_capfilt_large.pth`: `visual_encoder.*` ViT-B/16, `text_encoder.*`
 BERT). xmodal builds both with transformers (`Blip2ForImageTextRetrieval`,
 `BlipForImageTextRetrieval`), whose names differ. The tables below map one naming onto the other,
-both ways, following transformers' own conversion scripts:
+both ways (one table per model, read in either direction), following transformers' own conversion
+scripts:
 
 - the EVA ViT's `attn.q_bias` and `attn.v_bias` become the `qkv` bias [q; 0; v] (LAVIS has no
   key bias). Back to LAVIS the key part is dropped: a key bias adds q.b_k to every logit of a
@@ -19,143 +20,69 @@ both ways, following transformers' own conversion scripts:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-Rules = list[tuple[str, str]]
+#: Each rule is a pair of names (LAVIS, transformers) with the same ``{slots}``; it maps a key
+#: either way. A slot matches the pattern of ``SLOTS``.
+Rule = tuple[str, str]
+SLOTS = {
+    "n": r"\d+",  # a layer number
+    "k": r"[12]",  # layer_norm1 / layer_norm2
+    "p": r"\w+",  # a parameter (weight, bias)
+    "fc": r"fc[12]",
+    "emb": r"word|position",
+    "att": r"attention|crossattention",
+    "rest": r".+",
+}
 
-# LAVIS BLIP-2 name -> transformers Blip2ForImageTextRetrieval name (regex, replacement).
-BLIP2_FROM_LAVIS: Rules = [
-    (r"visual_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
-    (r"visual_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
-    (r"visual_encoder\.patch_embed\.proj\.(\w+)", r"vision_model.embeddings.patch_embedding.\1"),
+# The ViT of both BLIP generations (LAVIS' `visual_encoder`, after timm).
+VIT: list[Rule] = [
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.{p}", "vision_model.embeddings.patch_embedding.{p}"),
+    ("visual_encoder.blocks.{n}.norm{k}.{p}", "vision_model.encoder.layers.{n}.layer_norm{k}.{p}"),
+    ("visual_encoder.blocks.{n}.attn.qkv.{p}", "vision_model.encoder.layers.{n}.self_attn.qkv.{p}"),
     (
-        r"visual_encoder\.blocks\.(\d+)\.norm([12])\.(\w+)",
-        r"vision_model.encoder.layers.\1.layer_norm\2.\3",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight",
-        r"vision_model.encoder.layers.\1.self_attn.qkv.weight",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.(\w+)",
-        r"vision_model.encoder.layers.\1.self_attn.projection.\2",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(\w+)",
-        r"vision_model.encoder.layers.\1.mlp.\2.\3",
-    ),  # noqa: E501
-    (r"ln_vision\.(\w+)", r"vision_model.post_layernorm.\1"),
-    (r"Qformer\.bert\.embeddings\.LayerNorm\.(\w+)", r"qformer.layernorm.\1"),
-    (
-        r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight",
-        r"embeddings.\1_embeddings.weight",
-    ),  # noqa: E501
-    (
-        r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.+)",
-        r"qformer.encoder.layer.\1.\2.attention.\3",
-    ),  # noqa: E501
-    (r"Qformer\.bert\.encoder\.(.+)", r"qformer.encoder.\1"),
-    (r"query_tokens", "query_tokens"),
-    (r"vision_proj\.(\w+)", r"vision_projection.\1"),
-    (r"text_proj\.(\w+)", r"text_projection.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
+        "visual_encoder.blocks.{n}.attn.proj.{p}",
+        "vision_model.encoder.layers.{n}.self_attn.projection.{p}",
+    ),
+    ("visual_encoder.blocks.{n}.mlp.{fc}.{p}", "vision_model.encoder.layers.{n}.mlp.{fc}.{p}"),
 ]
-BLIP2_TO_LAVIS: Rules = [
-    (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.(\w+)", r"visual_encoder.patch_embed.proj.\1"),
+# BLIP-2: the EVA ViT-g, its `ln_vision`, the Q-Former and the ITC/ITM heads
+# (Blip2ForImageTextRetrieval). The ViT's q/v biases are handled apart (module docstring).
+BLIP2: list[Rule] = [
+    *VIT,
+    ("ln_vision.{p}", "vision_model.post_layernorm.{p}"),
+    ("Qformer.bert.embeddings.LayerNorm.{p}", "qformer.layernorm.{p}"),
+    ("Qformer.bert.embeddings.{emb}_embeddings.weight", "embeddings.{emb}_embeddings.weight"),
     (
-        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)",
-        r"visual_encoder.blocks.\1.norm\2.\3",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight",
-        r"visual_encoder.blocks.\1.attn.qkv.weight",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(\w+)",
-        r"visual_encoder.blocks.\1.attn.proj.\2",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(\w+)",
-        r"visual_encoder.blocks.\1.mlp.\2.\3",
-    ),  # noqa: E501
-    (r"vision_model\.post_layernorm\.(\w+)", r"ln_vision.\1"),
-    (r"qformer\.layernorm\.(\w+)", r"Qformer.bert.embeddings.LayerNorm.\1"),
-    (
-        r"embeddings\.(word|position)_embeddings\.weight",
-        r"Qformer.bert.embeddings.\1_embeddings.weight",
-    ),  # noqa: E501
-    (
-        r"qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(.+)",
-        r"Qformer.bert.encoder.layer.\1.\2.self.\3",
-    ),  # noqa: E501
-    (r"qformer\.encoder\.(.+)", r"Qformer.bert.encoder.\1"),
-    (r"query_tokens", "query_tokens"),
-    (r"vision_projection\.(\w+)", r"vision_proj.\1"),
-    (r"text_projection\.(\w+)", r"text_proj.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
+        "Qformer.bert.encoder.layer.{n}.{att}.self.{rest}",
+        "qformer.encoder.layer.{n}.{att}.attention.{rest}",
+    ),
+    ("Qformer.bert.encoder.{rest}", "qformer.encoder.{rest}"),
+    ("query_tokens", "query_tokens"),
+    ("vision_proj.{p}", "vision_projection.{p}"),
+    ("text_proj.{p}", "text_projection.{p}"),
+    ("itm_head.{p}", "itm_head.{p}"),
 ]
 BLIP2_LAVIS_ONLY = re.compile(r"temp$|Qformer\.cls\.|Qformer\.bert\.embeddings\.position_ids$")
 _QKV_BIAS = re.compile(r"visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias")
 _HF_QKV_BIAS = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias")
 
-# LAVIS / BLIP BLIP-1 name -> transformers BlipForImageTextRetrieval name.
-BLIP_FROM_LAVIS: Rules = [
-    (r"visual_encoder\.cls_token", "vision_model.embeddings.class_embedding"),
-    (r"visual_encoder\.pos_embed", "vision_model.embeddings.position_embedding"),
-    (r"visual_encoder\.patch_embed\.proj\.(\w+)", r"vision_model.embeddings.patch_embedding.\1"),
-    (
-        r"visual_encoder\.blocks\.(\d+)\.norm([12])\.(\w+)",
-        r"vision_model.encoder.layers.\1.layer_norm\2.\3",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.(\w+)",
-        r"vision_model.encoder.layers.\1.self_attn.qkv.\2",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.(\w+)",
-        r"vision_model.encoder.layers.\1.self_attn.projection.\2",
-    ),  # noqa: E501
-    (
-        r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.(\w+)",
-        r"vision_model.encoder.layers.\1.mlp.\2.\3",
-    ),  # noqa: E501
-    (r"visual_encoder\.norm\.(\w+)", r"vision_model.post_layernorm.\1"),
-    (r"text_encoder\.(.+)", r"text_encoder.\1"),
-    (r"vision_proj\.(\w+)", r"vision_proj.\1"),
-    (r"text_proj\.(\w+)", r"text_proj.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
-]
-BLIP_TO_LAVIS: Rules = [
-    (r"vision_model\.embeddings\.class_embedding", "visual_encoder.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding", "visual_encoder.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.(\w+)", r"visual_encoder.patch_embed.proj.\1"),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)",
-        r"visual_encoder.blocks.\1.norm\2.\3",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.(\w+)",
-        r"visual_encoder.blocks.\1.attn.qkv.\2",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(\w+)",
-        r"visual_encoder.blocks.\1.attn.proj.\2",
-    ),  # noqa: E501
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(\w+)",
-        r"visual_encoder.blocks.\1.mlp.\2.\3",
-    ),  # noqa: E501
-    (r"vision_model\.post_layernorm\.(\w+)", r"visual_encoder.norm.\1"),
-    (r"text_encoder\.(.+)", r"text_encoder.\1"),
-    (r"vision_proj\.(\w+)", r"vision_proj.\1"),
-    (r"text_proj\.(\w+)", r"text_proj.\1"),
-    (r"itm_head\.(\w+)", r"itm_head.\1"),
+# BLIP-1: the ViT-B/16, its final norm, the BERT text encoder and the ITC/ITM heads
+# (BlipForImageTextRetrieval).
+BLIP: list[Rule] = [
+    *VIT,
+    ("visual_encoder.norm.{p}", "vision_model.post_layernorm.{p}"),
+    ("text_encoder.{rest}", "text_encoder.{rest}"),
+    ("vision_proj.{p}", "vision_proj.{p}"),
+    ("text_proj.{p}", "text_proj.{p}"),
+    ("itm_head.{p}", "itm_head.{p}"),
 ]
 BLIP_LAVIS_ONLY = re.compile(
     r"temp$|\w+_m\.|(image|text|idx|ptr)_queue$|text_decoder\.|text_encoder\.embeddings\.position_ids$"
@@ -168,10 +95,23 @@ LAVIS_ANCHORS = {
 }
 
 
-def _rename(key: str, rules: Rules) -> str | None:
-    for pattern, replacement in rules:
-        if re.fullmatch(pattern, key):
-            return re.sub(f"^{pattern}$", replacement, key)
+@functools.cache
+def _pattern(template: str) -> re.Pattern[str]:
+    """``visual_encoder.blocks.{n}.norm{k}.{p}`` as a regex with one named group per slot."""
+    parts = re.split(r"\{(\w+)\}", template)  # text, slot, text, slot, ..., text
+    regex = "".join(
+        f"(?P<{part}>{SLOTS[part]})" if i % 2 else re.escape(part) for i, part in enumerate(parts)
+    )
+    return re.compile(regex)
+
+
+def _rename(key: str, rules: list[Rule], to_lavis: bool = False) -> str | None:
+    """``key`` renamed by the first rule that matches it (LAVIS -> transformers, or back)."""
+    for lavis, hf in rules:
+        source, target = (hf, lavis) if to_lavis else (lavis, hf)
+        match = _pattern(source).fullmatch(key)
+        if match:
+            return target.format(**match.groupdict())
     return None
 
 
@@ -200,11 +140,7 @@ def from_lavis(state: Mapping[str, Tensor], kind: str) -> tuple[dict[str, Tensor
     state. Keys no rule knows are kept as they are, so loading reports them as unexpected.
     """
     prefix = lavis_prefix(state, kind) or ""
-    rules, lavis_only = (
-        (BLIP2_FROM_LAVIS, BLIP2_LAVIS_ONLY)
-        if kind == "blip2"
-        else (BLIP_FROM_LAVIS, BLIP_LAVIS_ONLY)
-    )
+    rules, lavis_only = (BLIP2, BLIP2_LAVIS_ONLY) if kind == "blip2" else (BLIP, BLIP_LAVIS_ONLY)
     out: dict[str, Tensor] = {}
     ignored: list[str] = []
     qv: dict[str, dict[str, Tensor]] = {}
@@ -232,7 +168,7 @@ def from_lavis(state: Mapping[str, Tensor], kind: str) -> tuple[dict[str, Tensor
 def to_lavis(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
     """transformers' names back to LAVIS' (for writing LAVIS-format files in tests and
     `make rehearse`). The EVA ViT's key bias is dropped: see the module docstring."""
-    rules = BLIP2_TO_LAVIS if kind == "blip2" else BLIP_TO_LAVIS
+    rules = BLIP2 if kind == "blip2" else BLIP
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         bias = _HF_QKV_BIAS.fullmatch(key) if kind == "blip2" else None
@@ -241,7 +177,7 @@ def to_lavis(state: Mapping[str, Tensor], kind: str) -> dict[str, Tensor]:
             out[f"visual_encoder.blocks.{bias.group(1)}.attn.q_bias"] = q
             out[f"visual_encoder.blocks.{bias.group(1)}.attn.v_bias"] = v
             continue
-        renamed = _rename(key, rules)
+        renamed = _rename(key, rules, to_lavis=True)
         if renamed is None:
             raise KeyError(f"no LAVIS name for {key!r}")
         out[renamed] = value

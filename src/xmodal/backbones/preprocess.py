@@ -99,3 +99,19 @@ def blip_eval_transform(
         transforms.Normalize(mean=list(mean), std=list(std)),
     ]
     return with_pad(transforms.Compose(steps), cfg)
+
+
+def augmented_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """HUG's training augmentation (its released code): Resize(size, size) bicubic, horizontal
+    flip (p = 0.5), ColorJitter(0.1, 0.1, 0.1), then normalisation; evaluation keeps the
+    backbone's own preprocessing."""
+    return transforms.Compose(
+        [
+            transforms.Lambda(_rgb),
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(0.5),
+            transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )

@@ -162,7 +162,7 @@ def hub_snapshot(repo: str, cache_dir: str | None, patterns: list[str]) -> tuple
 
 def _exporting_experiments(stem: str) -> list[str]:
     """Experiments (conf/experiment/**.yaml) whose `method.export_name` writes `<stem>.pt`."""
-    from xmodal.backbones import conf_dir
+    from xmodal.config import conf_dir
 
     found = []
     root = conf_dir() / "experiment"
@@ -472,3 +472,15 @@ def content_identity(path: str | Path) -> dict[str, Any]:
             size += real.stat().st_size
         return {"sha256": digest.hexdigest(), "size": size}
     raise WeightsNotFoundError(f"Backbone weights not found: {path} does not exist.")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load a weights file safely: (state dict, xmodal metadata or None).
+
+    See `read_file` (which also says what the file is).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"Backbone checkpoint file not found: {path.resolve()}.")
+    state, meta, _ = read_file(path)
+    return state, meta

@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 
 from xmodal.config import check_additions, conf_dir, register_configs
 from xmodal.console import headline, set_verbosity
-from xmodal.errors import EXIT_EXPECTED, ConfigError, expected_message, find_expected
+from xmodal.errors import (
+    EXIT_EXPECTED,
+    ConfigError,
+    XmodalError,
+    expected_message,
+    find_expected,
+)
+from xmodal.runs import global_rank
 
 log = logging.getLogger("xmodal")
 
@@ -49,6 +56,13 @@ def refuse_multirun_with_in_process_ddp(cfg: DictConfig) -> None:
         )
 
 
+def exit_expected(err: BaseException) -> NoReturn:
+    """Print an expected failure as its one paragraph and exit with code 2 (outside a job, e.g.
+    in a launcher before anything was submitted)."""
+    print(f"\nxmodal: {expected_message(err)}\n", file=sys.stderr)
+    sys.exit(EXIT_EXPECTED)
+
+
 def report_expected(err: BaseException, verbose: bool) -> bool:
     """Print an expected failure as its one paragraph (with the traceback when ``verbose``);
     returns False when ``err`` is not an expected failure."""
@@ -68,10 +82,11 @@ def _metrics_mtime(run_dir: Path) -> int | None:
         return None
 
 
-def _record_outcome(run_dir: Path, status: str, error: str | None = None) -> None:
-    """Append this job's outcome to the sweep's ledger (one JSON line per job)."""
+def record_outcome(run_dir: Path, status: str, error: str | None = None) -> None:
+    """Append this job's outcome to the sweep's ledger (one JSON line per job; in a job of
+    several processes, such as DDP ranks started by SLURM, rank 0 speaks for the job)."""
     ledger = os.environ.get(LEDGER_ENV)
-    if not ledger:
+    if not ledger or global_rank() != 0:
         return
     line = {"run_dir": str(run_dir), "status": status, "error": error}
     Path(ledger).parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +120,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
                 refuse_multirun_with_in_process_ddp(cfg)
             metrics = run(cfg, overrides)
         except Exception as err:  # noqa: BLE001 - reported, then the exit code says it
-            _record_outcome(run_dir, "failed", f"{type(err).__name__}: {expected_message(err)}")
+            record_outcome(run_dir, "failed", f"{type(err).__name__}: {expected_message(err)}")
             expected = report_expected(err, verbose)
             if not multirun:
                 if expected:
@@ -116,7 +131,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
             return None
         after = _metrics_mtime(run_dir)
         skipped = after is not None and after == before
-        _record_outcome(run_dir, "skipped" if skipped else "done")
+        record_outcome(run_dir, "skipped" if skipped else "done")
         log.info("%s: %s", "finished earlier, skipped" if skipped else "done", run_dir)
         for line in headline(metrics or {}):
             log.info(line)
@@ -134,10 +149,31 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig, list[str]], Any]) -
 
             print(render(config_name))
             return None
+        if any(a in ("launcher=slurm", "launcher=local") for a in args):
+            from xmodal.extras import check
+
+            try:
+                check("hydra_plugins.hydra_submitit_launcher")
+            except XmodalError as err:
+                print(f"xmodal: {err}", file=sys.stderr)
+                sys.exit(EXIT_EXPECTED)
         register_configs()
+        _skip_mode_composition(args)
         return _main()
 
     return main
+
+
+def _skip_mode_composition(args: list[str]) -> None:
+    """Hydra 1.3 composes the whole config once just to read ``hydra.mode`` before composing it
+    again for the job. xmodal's configs never set ``hydra.mode``, so the mode is the ``-m`` flag,
+    exactly what Hydra falls back to when ``get_mode`` finds nothing: skip that first composition
+    (a third of the start-up of every command) unless the command line sets ``hydra.mode``."""
+    if any(a.startswith(("hydra.mode=", "++hydra.mode=")) for a in args):
+        return
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_mode = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
 
 
 class SweepSummary(Callback):

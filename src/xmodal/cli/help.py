@@ -8,6 +8,7 @@ Hydra's own help stays behind ``--hydra-help``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from xmodal.config import conf_dir
 
@@ -43,14 +44,23 @@ def _options(group: str) -> list[str]:
     return [n for n in names if not n.startswith("_")]
 
 
+def _with_bases(base: Path, path: Path) -> str:
+    """An experiment file's text and that of the shared experiments it includes
+    (``/experiment/<name>`` in its defaults list, e.g. ``xmore/_rn50``)."""
+    text = path.read_text()
+    for name in re.findall(r"/experiment/([\w/]+)", text):
+        text += _with_bases(base, base / f"{name}.yaml")
+    return text
+
+
 def _experiments(kind: str) -> dict[str, list[str]]:
-    """Experiment names of this entry point (those overriding ``/method`` or ``/evaluator``),
-    by folder."""
+    """Experiment names of this entry point (those overriding ``/method`` or ``/evaluator``, or
+    including a shared experiment that does), by folder; ``_``-prefixed files are shared parts."""
     base = conf_dir() / "experiment"
     wanted = re.compile(rf"override /{kind}\b")
     found: dict[str, list[str]] = {}
     for path in sorted(base.rglob("*.yaml")):
-        if wanted.search(path.read_text()):
+        if not path.name.startswith("_") and wanted.search(_with_bases(base, path)):
             name = str(path.relative_to(base).with_suffix(""))
             found.setdefault(name.split("/")[0], []).append(name)
     return found

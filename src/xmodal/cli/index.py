@@ -160,14 +160,16 @@ def _compose(overrides: Sequence[str]):
 
 def cmd_build(args: argparse.Namespace) -> dict:
     from xmodal import backbones
+    from xmodal.data.collection import read_collection
+    from xmodal.evaluators.xmore import trainer_encode_fn
     from xmodal.pipeline import build_trainer
     from xmodal.retrieval import clip_index
 
     cfg = _compose(args.overrides)
-    collection = clip_index.read_collection(args.source)
+    collection = read_collection(args.source)
     model, preprocess, tokenizer = backbones.build(cfg.backbone)
     trainer = build_trainer(cfg, training=False)
-    encode_fn = clip_index.trainer_encode_fn(
+    encode_fn = trainer_encode_fn(
         trainer,
         model,
         preprocess,
@@ -277,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        from xmodal.extras import check
+
+        check("faiss")
         COMMANDS[args.command](args)
     except XmodalError as err:  # a broken collection or index folder, a corrupt image, ...
         print(f"\nxmodal-index: {expected_message(err)}\n", file=sys.stderr)

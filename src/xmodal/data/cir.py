@@ -1,27 +1,24 @@
-"""Composed image retrieval (FashionIQ, CIRR) for trainable methods: a datamodule and the protocol.
+"""Composed image retrieval data (FashionIQ, CIRR) for trainable methods: a datamodule.
 
 Any CIR method (RUIR, HUG) trains on triplets (reference image, modification text, target image)
-and is evaluated by ranking a gallery for each query. This module holds everything about the data
-and the official protocols, so a method only encodes and scores:
+and is evaluated by ranking a gallery for each query (:mod:`xmodal.protocols.cir`). This module
+holds the data side:
 
 - **Training** (:class:`CIRDataModule`): the triplets of ``data.train_split``. FashionIQ categories
   are joined into one training set (joint training, as CLIP4Cir and the RUIR authors' framework);
   ``data.categories=[dress]`` trains on one category. The text of a triplet follows ``text_mode``
   (:data:`TEXT_MODES`, datasets/cir.md §1.2). Batches are dicts ``{"index", "reference", "text",
   "target"}`` (``text`` already tokenised).
-- **Evaluation**: per subset (a FashionIQ category, or a CIRR split) two loaders: the gallery images
-  ``(idx, pixels, valid)`` and the queries ``(idx, tokens)`` (``(idx, ref_pixels, tokens)`` with
-  ``query_images=True``, for methods that need the reference pixels). Under every protocol the
-  reference is a gallery image, so methods that only need reference *features* look them up in
-  the encoded gallery (:attr:`EvalSubset.reference`) and every image is encoded once.
-- **Metrics and submissions**: :func:`subset_metrics` (FashionIQ R@K per category under the
-  configured protocol; CIRR R@K and Recall_subset@K) and :func:`cirr_submission` (the two official
-  test-server JSON files), from query and gallery embeddings, chunked.
+- **Evaluation**: per subset (a FashionIQ category, or a CIRR split; :class:`EvalSubset`) two
+  loaders: the gallery images ``(idx, pixels, valid)`` and the queries ``(idx, tokens)``
+  (``(idx, ref_pixels, tokens)`` with ``query_images=True``, for methods that need the reference
+  pixels). Under every protocol the reference is a gallery image, so methods that only need
+  reference *features* look them up in the encoded gallery (:attr:`EvalSubset.reference`) and
+  every image is encoded once.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -37,7 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from xmodal.data.base import CIRSplit
 from xmodal.data.datamodule import load_split, train_loader
-from xmodal.retrieval.search import DEFAULT_CHUNK_SIZE
 
 #: How a training triplet's text is built from its captions (datasets/cir.md §1.2):
 #:
@@ -257,6 +253,16 @@ class EvalSubset:
             ),
         )  # fmt: skip
 
+    def to(self, device: torch.device | str) -> EvalSubset:
+        """The subset with its index tensors on ``device`` (where the embeddings are ranked)."""
+        target, members = self.target, self.members
+        return replace(
+            self,
+            reference=self.reference.to(device),
+            target=None if target is None else target.to(device),
+            members=None if members is None else members.to(device),
+        )
+
     def restrict(
         self, gallery_seen: Tensor, query_seen: Tensor
     ) -> tuple[EvalSubset, Tensor, Tensor]:
@@ -312,156 +318,6 @@ class EvalSubset:
             f"{self.prefix}protocol": self.split.protocol
             + ("+remove_reference" if self.split.remove_reference else ""),
         }
-
-
-FIQ_KS = (1, 5, 10, 50)
-CIRR_KS = (1, 5, 10, 50)
-CIRR_SUBSET_KS = (1, 2, 3)
-
-
-def target_ranks(
-    subset: EvalSubset,
-    queries: Tensor,
-    gallery: Tensor,
-    *,
-    score_fn: Callable | None = None,
-    largest: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Tensor:
-    """0-based rank of each query's target (reference excluded when the protocol removes it)."""
-    from xmodal.retrieval.search import rank_of
-
-    if subset.target is None:
-        raise ValueError(f"{subset.split.name} has no targets (labels withheld)")
-    exclude = subset.reference if subset.split.remove_reference else None
-    return rank_of(
-        queries,
-        gallery,
-        subset.target,
-        exclude=exclude,
-        score_fn=score_fn,
-        largest=largest,
-        chunk_size=chunk_size,
-    )
-
-
-def subset_metrics(
-    subset: EvalSubset,
-    queries: Tensor,
-    gallery: Tensor,
-    *,
-    score_fn: Callable | None = None,
-    largest: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> dict[str, float]:
-    """Protocol metrics of one subset in percent, keys without the stage prefix.
-
-    FashionIQ: ``"<cat>/R@{1,5,10,50}"``. CIRR (CLIP4Cir's ``compute_cirr_val_metrics``):
-    ``"R@{1,5,10,50}"``, ``"Rs@{1,2,3}"`` and ``"avg"`` = (R@5 + Rs@1) / 2. ``queries`` [Q, D]
-    and ``gallery`` [G, D] are scored with ``score_fn`` (default dot product: normalise for
-    cosine); ``largest=False`` ranks distances ascending.
-    """
-    from xmodal.metrics.retrieval import cirr_recall_from_embeddings, recall_from_ranks
-
-    if subset.family == "fashioniq":
-        ranks = target_ranks(
-            subset, queries, gallery, score_fn=score_fn, largest=largest, chunk_size=chunk_size
-        )
-        recall = recall_from_ranks(ranks, FIQ_KS)
-        return {f"{subset.prefix}R@{k}": 100.0 * v for k, v in recall.items()}
-    metrics = cirr_recall_from_embeddings(
-        queries,
-        gallery,
-        subset.target,
-        subset.reference,
-        subset.members,
-        CIRR_KS,
-        CIRR_SUBSET_KS,
-        score_fn=score_fn,
-        largest=largest,
-        chunk_size=chunk_size,
-    )
-    out = {f"{subset.prefix}{k}": 100.0 * v for k, v in metrics.items()}
-    out[f"{subset.prefix}avg"] = (out[f"{subset.prefix}R@5"] + out[f"{subset.prefix}Rs@1"]) / 2
-    return out
-
-
-def fashioniq_summary(metrics: dict[str, float], categories: Sequence[str]) -> dict[str, float]:
-    """Add the FashionIQ aggregates to per-category metrics: ``avg/R@10``, ``avg/R@50``, ``avg``
-    = (avg R@10 + avg R@50) / 2, and ``R@k`` = the mean over categories of R@k for every k."""
-    from xmodal.metrics.retrieval import fashioniq_average
-
-    per_cat = {c: {k: metrics[f"{c}/{k}"] for k in ("R@10", "R@50")} for c in categories}
-    out = {k: v for k, v in fashioniq_average(per_cat).items() if k.startswith("avg")}
-    for k in FIQ_KS:
-        out[f"R@{k}"] = sum(metrics[f"{c}/R@{k}"] for c in categories) / len(categories)
-    return out
-
-
-def _ranked_lists(
-    subset: EvalSubset, queries: Tensor, gallery: Tensor, k: int, subset_k: int, **score: Any
-) -> tuple[Tensor, Tensor]:
-    """Top-k gallery indices without the reference, and the top subset_k non-reference members."""
-    from xmodal.retrieval.search import gather_scores, order_candidates, topk
-
-    _, top = topk(queries, gallery, k, exclude=subset.reference, **score)
-    largest = score.get("largest", True)
-    member_scores = gather_scores(
-        queries, gallery, subset.members, score_fn=score.get("score_fn")
-    ).float()
-    worst = float("-inf") if largest else float("inf")
-    member_scores[subset.members == subset.reference[:, None]] = worst
-    _, ranked = order_candidates(member_scores, subset.members, largest)
-    # duplicates cannot occur in CIRR groups; the reference sorts last and is dropped
-    return top, ranked[:, :subset_k]
-
-
-def cirr_submission(
-    subset: EvalSubset,
-    queries: Tensor,
-    gallery: Tensor,
-    *,
-    k: int = 50,
-    subset_k: int = 3,
-    score_fn: Callable | None = None,
-    largest: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The two CIRR test-server files (datasets/cir.md §2.3) as dicts.
-
-    ``{"version": "rc2", "metric": "recall", "<pairid>": [k names]}`` (the top k of the gallery
-    after removing the reference; k is capped at gallery size - 1) and ``{..., "metric":
-    "recall_subset", "<pairid>": [subset_k names]}`` (the best of the 5 non-reference members).
-    """
-    if subset.members is None or not subset.split.pair_ids:
-        raise ValueError(f"{subset.split.name}: a CIRR submission needs pair ids and image sets")
-    k = min(k, len(subset.split.gallery) - 1)
-    top, best_members = _ranked_lists(
-        subset, queries, gallery, k, subset_k, score_fn=score_fn, largest=largest,
-        chunk_size=chunk_size,
-    )  # fmt: skip
-    names = subset.split.gallery
-    recall: dict[str, Any] = {"version": "rc2", "metric": "recall"}
-    recall_subset: dict[str, Any] = {"version": "rc2", "metric": "recall_subset"}
-    for q, pair_id in enumerate(subset.split.pair_ids):
-        recall[str(pair_id)] = [names[j] for j in top[q].tolist()]
-        recall_subset[str(pair_id)] = [names[j] for j in best_members[q].tolist()]
-    return recall, recall_subset
-
-
-def write_cirr_submission(
-    folder: Path | str, name: str, recall: dict[str, Any], recall_subset: dict[str, Any]
-) -> list[Path]:
-    """Write ``recall_submission_<name>.json`` and ``recall_subset_submission_<name>.json``
-    (CLIP4Cir's file names, keys sorted) atomically; returns their paths."""
-    from xmodal.runs import atomic_write_text
-
-    paths = []
-    for stem, obj in (("recall_submission", recall), ("recall_subset_submission", recall_subset)):
-        path = Path(folder) / f"{stem}_{name}.json"
-        atomic_write_text(path, json.dumps(obj, sort_keys=True))
-        paths.append(path)
-    return paths
 
 
 # ----------------------------------------------------------------------------- datamodule

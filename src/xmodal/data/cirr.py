@@ -23,14 +23,23 @@ LAYOUT = """\
     <root>/{train/<0..99>,dev,test1}/*.png             (CLIP4Cir layout)"""
 
 
+def caption_path(root: Path | str, split: str) -> Path:
+    """``<root>/cirr/captions/cap.rc2.<split>.json``: the triplets and image sets of a split."""
+    return Path(root) / "cirr" / "captions" / f"cap.rc2.{split}.json"
+
+
+def split_path(root: Path | str, split: str) -> Path:
+    """``<root>/cirr/image_splits/split.rc2.<split>.json``: image name -> relative path."""
+    return Path(root) / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+
+
 def load(root: Path | str, split: str = "val") -> CIRSplit:
     """Load a CIRR split (``train``, ``val`` or ``test1``; test1 has ``target=None``)."""
     root = Path(root)
     layout = Layout("cirr", root, LAYOUT)
     if split not in SPLITS:
         raise ValueError(f"cirr split must be one of {SPLITS}, got {split!r}")
-    cap_file = root / "cirr" / "captions" / f"cap.rc2.{split}.json"
-    split_file = root / "cirr" / "image_splits" / f"split.rc2.{split}.json"
+    cap_file, split_file = caption_path(root, split), split_path(root, split)
     layout.require(cap_file)
     layout.require(split_file)
 

@@ -176,13 +176,70 @@ class EpochSampler(DistributedSampler):
 
     Used with one process too, so 1 and N processes see the same global batches: rank r takes
     every world-th index of one permutation, and the union of the ranks' local batches equals the
-    single-process batch.
+    single-process batch. ``skip`` indices are left out of the next pass only (a run resumed in
+    the middle of an epoch continues with the batches it had not trained on).
     """
+
+    skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         if hasattr(self.dataset, "epoch"):
             self.dataset.epoch = epoch
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``, resumable in the middle of an epoch.
+
+    ``position`` is ``(epoch, batches handed out in that epoch)``; a checkpoint records it
+    (:class:`xmodal.callbacks.ExactResume`) and the resumed run calls :meth:`resume_at`, so the
+    resumed epoch skips those batches (by index, without loading them) and trains on exactly the
+    batches the uninterrupted run would have. Worker processes are seeded from ``(seed, epoch)``,
+    not from the global random state, so a resumed epoch's workers draw what the uninterrupted
+    run's did.
+    """
+
+    def __init__(
+        self, *args: Any, seed: int = 0, generator: torch.Generator | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, generator=generator or torch.Generator(), **kwargs)
+        self.seed = seed
+        self.position = (0, 0)
+        self._resume_at: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the next pass, if it is ``epoch``, after its first ``batches`` batches."""
+        self._resume_at = (epoch, batches)
+
+    # Lightning's interface for resumable loaders: it stores the position with the fit loop and
+    # hands it back before the resumed epoch's iterator is built, except when the loader was
+    # built before the checkpoint was restored (``estimated_stepping_batches``, used by
+    # schedulers); ExactResume covers that case the same way.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        start = 0
+        if self._resume_at is not None:
+            (at_epoch, batches), self._resume_at = self._resume_at, None
+            if at_epoch == epoch and isinstance(sampler, EpochSampler):
+                start = batches
+                sampler.skip = batches * self.batch_size
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.position = (epoch, start)
+        for batch in super().__iter__():
+            self.position = (epoch, self.position[1] + 1)
+            yield batch
 
 
 def train_loader(
@@ -196,7 +253,8 @@ def train_loader(
     """A shuffled training loader whose global batch is the same for any number of processes.
 
     Each of the ``world`` ranks loads ``global_batch_size / world`` items per step. The ragged last
-    batch is dropped (contrastive losses want full batches) unless it is the only one.
+    batch is dropped (contrastive losses want full batches) unless it is the only one. Resumable
+    in the middle of an epoch (:class:`ResumableLoader`).
     """
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
@@ -213,7 +271,7 @@ def train_loader(
         # before it sets the epoch: a run resumed at epoch e would replay epoch 0's order
         sampler.set_epoch(trainer.current_epoch)
     local = global_batch_size // world
-    return DataLoader(
+    return ResumableLoader(
         dataset,
         batch_size=local,
         sampler=sampler,
@@ -221,6 +279,7 @@ def train_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=False,
+        seed=seed,
     )
 
 

@@ -34,6 +34,21 @@ LAYOUT = """\
         lines "cat/ref.jpg;cat/tgt.jpg;caption", two consecutive lines per triplet)"""
 
 
+def caption_path(root: Path | str, category: str, split: str) -> Path:
+    """``<root>/captions/cap.<category>.<split>.json``: the triplets of a category."""
+    return Path(root) / "captions" / f"cap.{category}.{split}.json"
+
+
+def split_path(root: Path | str, category: str, split: str) -> Path:
+    """``<root>/image_splits/split.<category>.<split>.json``: the images of a category."""
+    return Path(root) / "image_splits" / f"split.{category}.{split}.json"
+
+
+def pairs_path(root: Path | str, category: str, split: str) -> Path:
+    """``<root>/captions_pairs/fashion_iq-<split>-cap-<category>.txt``: the VAL caption pairs."""
+    return Path(root) / "captions_pairs" / f"fashion_iq-{split}-cap-{category}.txt"
+
+
 def clip4cir_text(captions: list[str]) -> str:
     """CLIP4Cir's deterministic eval text "C1 and c2": strip '.?, ', capitalise the first."""
     cleaned = [c.strip(".?, ") for c in captions]
@@ -59,13 +74,13 @@ def load(
         if value not in allowed:
             raise ValueError(f"fashioniq {what} must be one of {allowed}, got {value!r}")
 
-    split_file = root / "image_splits" / f"split.{category}.{split}.json"
+    split_file = split_path(root, category, split)
     if protocol == "val":
-        pairs_file = root / "captions_pairs" / f"fashion_iq-{split}-cap-{category}.txt"
+        pairs_file = pairs_path(root, category, split)
         reference, target, captions = _read_pairs(pairs_file, layout)
         text = [f"{own} and {sibling}" for own, sibling in captions]
     else:
-        cap_file = root / "captions" / f"cap.{category}.{split}.json"
+        cap_file = caption_path(root, category, split)
         reference, target, captions = _read_triplets(cap_file, layout)
         text = [clip4cir_text(c) for c in captions]
 

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xmodal.inputs import content_digest
-from xmodal.retrieval.cache import digest
+from xmodal.inputs import content_digest, digest
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -12,34 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xmodal.data.base import RetrievalSplit
 from xmodal.evaluators.base import EvalContext
-
-
-def image_text_recall(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    caption_image: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
-) -> dict[str, float]:
-    """Cosine R@K in percent for both directions from raw embeddings (``t2i/R@k``, ``i2t/R@k``,
-    ``mean/R@1``); nothing of size texts x images is built."""
-    from xmodal.metrics.retrieval import image_text_recall as recall
-
-    fractions = recall(
-        F.normalize(image_emb.float(), dim=-1),
-        F.normalize(text_emb.float(), dim=-1),
-        caption_image,
-        ks,
-        chunk_size=chunk_size,
-    )
-    out = {key: 100.0 * value for key, value in fractions.items()}
-    if 1 in ks:
-        out["mean/R@1"] = (out["t2i/R@1"] + out["i2t/R@1"]) / 2
-    return out
+from xmodal.protocols.retrieval import image_text_retrieval_metrics
 
 
 def drop_invalid_images(
@@ -100,7 +76,9 @@ class RetrievalEvaluator:
         image_emb, text_emb, caption_image, skipped = drop_invalid_images(
             split, image_emb, text_emb, valid
         )
-        metrics = image_text_recall(image_emb, text_emb, caption_image, self.ks, self.chunk_size)
+        metrics = image_text_retrieval_metrics(
+            image_emb, text_emb, caption_image, self.ks, self.chunk_size
+        )
         out: dict[str, Any] = {f"test/{k}": v for k, v in metrics.items()}
         out.update(
             {

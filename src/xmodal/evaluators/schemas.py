@@ -8,6 +8,7 @@ field; the comments here say what decides the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -73,7 +74,7 @@ class ZeroShotConfig:
     """``evaluator=zeroshot``: CLIP zero-shot top-1/top-5 accuracy."""
 
     _target_: str = "xmodal.evaluators.zeroshot.ZeroShotEvaluator"
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    templates: Any = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # list | name
     logit_scale: float | None = None  # null: the backbone's exp(logit_scale)
     cache: bool = True
 
@@ -108,7 +109,7 @@ class XMoReConfig:
     rerank: str = "cosine"  # cosine | dot (released code) | none (indirect ablation)
     normalizer: str = "minmax"  # minmax (paper) | l1 (released code) | none | equal
     seeds: list[int] | None = None  # stream orders to evaluate; null: [seed]
-    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    templates: Any = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # list | name
     caption_prefix: str = ""  # prepended to every caption (pushed code: "a_photo_of_a ")
     logit_scale: float | None = None  # tau; null: the backbone's exp(logit_scale)
     chunk_size: int = 2048  # samples per re-ranking / caption-encoding chunk

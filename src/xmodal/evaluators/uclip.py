@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xmodal.errors import check_choice
 from xmodal.evaluators.schemas import UCLIP_BLOCK_SIZE, EnsembleMember
 from xmodal.metrics.calibration import (
     TIES,
@@ -489,11 +490,6 @@ def pass_seed(seed: int, index: int, kind: str, rank: int = 0) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
 
 
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"evaluator.{key}={value!r} is not one of: {', '.join(choices)}")
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluator
 # ----------------------------------------------------------------------------------------------
@@ -527,10 +523,10 @@ class UCLIPEvaluator:
         plots: bool = True,
     ) -> None:
         for key, value in [("method", method), *[("compare", m) for m in compare]]:
-            _check_choice(key, value, METHODS)
-        _check_choice("sampler", sampler, SAMPLERS)
-        _check_choice("variant", variant, VARIANTS)
-        _check_choice("ties", ties, TIES)
+            check_choice(f"evaluator.{key}", value, METHODS)
+        check_choice("evaluator.sampler", sampler, SAMPLERS)
+        check_choice("evaluator.variant", variant, VARIANTS)
+        check_choice("evaluator.ties", ties, TIES)
         self.ties = ties
         self.methods = [method] + [m for m in dict.fromkeys(compare) if m != method]
         self.sampler, self.variant = sampler, variant

@@ -37,7 +37,9 @@ samples, ``test/acc/normalizer/<name>`` for all four normalisers, ``test/acc/xmo
 skipped samples counted by their image-only prediction, ``test/acc/image_all`` (plain CLIP over
 every sample), sample counts (``num_samples = num_evaluated + num_skipped``, ``num_skipped =
 short_results + no_captions``), null captions dropped, the index's search parameters and tuned
-recall, mean entropies / confidences / weights. Each seed's stream goes to
+recall, mean entropies / confidences / weights (``test/entropy/{image,text}``: paper Table 6),
+and paper Table 8's ratio of the adjusted confidences per correctness case
+(``test/weight_ratio/case<c>``, :func:`weight_ratio_by_case`). Each seed's stream goes to
 ``xmore_stream_seed<s>.csv`` in the run directory.
 """
 
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ from torch import Tensor
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
 from xmodal.evaluators.schemas import IndexConfig
+from xmodal.evaluators.templates import check_templates, resolve_templates
 from xmodal.evaluators.zeroshot import (
     DEFAULT_TEMPLATES,
     Encoder,
@@ -66,9 +69,8 @@ from xmodal.evaluators.zeroshot import (
     classification_split,
     image_logits,
 )
-from xmodal.inputs import content_digest
+from xmodal.inputs import content_digest, digest
 from xmodal.metrics.classification import entropy, entropy_confidence, top1_accuracy
-from xmodal.retrieval.cache import digest
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,66 @@ def ensemble(
     return fuse(p_image, caption_probs(caption_logits), normalizer)
 
 
+#: Paper Table 8's correctness cases: (image-only right, text-only right, X-MoRe right).
+WEIGHT_RATIO_CASES = {
+    "case1": (True, False, True),  # the image modality alone was right
+    "case2": (False, True, True),  # the text modality alone was right
+    "case3": (False, False, True),  # neither alone, only their ensemble
+}
+
+
+def weight_ratio_by_case(
+    w_image: Tensor,
+    w_text: Tensor,
+    correct_image: Tensor,
+    correct_text: Tensor,
+    correct_xmore: Tensor,
+) -> dict[str, dict[str, float]]:
+    """Paper Table 8 (§6.3): the adjusted confidences' ratio w_img / w_txt (its alpha-hat /
+    beta-hat, eqs. 2-3, under the configured normaliser) summed over the samples of each
+    correctness case of :data:`WEIGHT_RATIO_CASES`; > 1: the ensemble leaned on the image.
+
+    Stated definition where beta-hat = 0: min-max gives w_txt = 0 whenever the sample's text
+    confidence is the running minimum (and its image confidence is not; both 0 fall back to
+    0.5 each), where alpha-hat / beta-hat is +inf. Such samples are left out of the ratio's
+    mean and counted (``beta_zero``); nothing is divided by zero. Returns per case ``sum`` (of
+    the ratios over samples with w_txt > 0), ``num`` (samples in the case) and ``beta_zero``
+    (those left out). Inputs are [S] tensors of one stream; sum them over streams, then
+    ``mean = sum / (num - beta_zero)``.
+    """
+    out = {}
+    for case, (image_ok, text_ok, xmore_ok) in WEIGHT_RATIO_CASES.items():
+        member = (
+            (correct_image == image_ok) & (correct_text == text_ok) & (correct_xmore == xmore_ok)
+        )
+        defined = member & (w_text > 0)
+        ratio = w_image[defined].double() / w_text[defined].double()
+        out[case] = {
+            "sum": ratio.sum().item(),
+            "num": int(member.sum()),
+            "beta_zero": int((member & ~(w_text > 0)).sum()),
+        }
+    return out
+
+
+def weight_ratio_metrics(per_stream: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
+    """``test/weight_ratio/case<c>`` = the mean of w_img / w_txt over every (seed, sample) of
+    case c with w_txt > 0, pooled over the seeds' streams (each a full pass over the same
+    samples); ``.../num`` and ``.../beta_zero`` count (seed, sample) pairs over all streams.
+    A case with no sample where the ratio is defined has no ratio key (an empty table cell),
+    only its counts."""
+    metrics: dict[str, float | int] = {}
+    for case in WEIGHT_RATIO_CASES:
+        total = sum(s[case]["sum"] for s in per_stream)
+        num = sum(int(s[case]["num"]) for s in per_stream)
+        beta_zero = sum(int(s[case]["beta_zero"]) for s in per_stream)
+        metrics[f"test/weight_ratio/{case}/num"] = num
+        metrics[f"test/weight_ratio/{case}/beta_zero"] = beta_zero
+        if num > beta_zero:
+            metrics[f"test/weight_ratio/{case}"] = total / (num - beta_zero)
+    return metrics
+
+
 def dedup(captions: Sequence[str]) -> list[str]:
     """Exact-string de-duplication keeping the first occurrence (coarse rank order)."""
     return list(dict.fromkeys(captions))
@@ -220,7 +282,7 @@ class XMoReEvaluator:
         rerank: str = "cosine",
         normalizer: str = "minmax",
         seeds: Sequence[int] | None = None,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         caption_prefix: str = "",
         logit_scale: float | None = None,
         chunk_size: int = 2048,
@@ -237,11 +299,12 @@ class XMoReEvaluator:
             raise ValueError(f"evaluator.rerank must be one of {RERANKS}, got {rerank!r}")
         if not 1 <= k <= coarse_k:
             raise ValueError(f"need 1 <= evaluator.k <= evaluator.coarse_k, got {k}, {coarse_k}")
-        class_prompts(["x"], templates)  # a bad template fails at instantiation
+        check_templates(templates)  # a bad template or name fails at instantiation
         self.coarse_k, self.k = int(coarse_k), int(k)
         self.fine_backbone, self.rerank, self.normalizer = fine_backbone, rerank, normalizer
         self.seeds = None if seeds is None else [int(s) for s in seeds]
-        self.templates, self.caption_prefix = list(templates), caption_prefix
+        self.templates = templates if isinstance(templates, str) else list(templates)
+        self.caption_prefix = caption_prefix
         self.logit_scale = logit_scale
         self.chunk_size, self.text_batch_size = int(chunk_size), int(text_batch_size)
         self.use_cache, self.save_stream = cache, save_stream
@@ -253,8 +316,9 @@ class XMoReEvaluator:
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         self._check_index_source()
         backbone = Encoder.of_run(ctx)
+        templates = resolve_templates(self.templates, ctx.cfg.data.get("dataset"))
         classifier = build_classifier(
-            ctx, backbone, split.classnames, self.templates, self.text_batch_size
+            ctx, backbone, split.classnames, templates, self.text_batch_size
         )
         scale = backbone.logit_scale(self.logit_scale)
         logits, valid = image_logits(ctx, backbone, split, classifier, scale)
@@ -326,13 +390,14 @@ class XMoReEvaluator:
     def prepare_index(self, ctx: EvalContext, encoder: Encoder) -> dict[str, Any]:
         """Identity of the index to query; builds it first when ``index.collection`` is set and
         the folder holds no index of that collection under that encoder."""
+        from xmodal.data.collection import read_collection
         from xmodal.retrieval import clip_index
 
         folder = Path(self.index.folder)
         info = clip_index.read_info(folder)
         encoder_id = _jsonable({"name": encoder.name, "identity": encoder.identity()})
         if self.index.collection:
-            collection = clip_index.read_collection(self.index.collection)
+            collection = read_collection(self.index.collection)
             current = info is not None and (folder / "image.index").exists()
             current = current and info.get("encoder") == encoder_id
             current = current and info.get("collection_digest") == collection.digest()
@@ -343,7 +408,7 @@ class XMoReEvaluator:
                 current = current and info.get(key) == value
             if not current:
                 log.info("building the X-MoRe index %s from %s", folder, collection.source)
-                encode_fn = clip_index.trainer_encode_fn(
+                encode_fn = trainer_encode_fn(
                     ctx.trainer,
                     encoder.model,
                     encoder.preprocess,
@@ -481,7 +546,12 @@ class XMoReEvaluator:
             "k": self.k,
             "prefix": self.caption_prefix,
             "backbone": backbone.identity(),
-            "prompts": digest(class_prompts(split.classnames, self.templates)),
+            "prompts": digest(
+                class_prompts(
+                    split.classnames,
+                    resolve_templates(self.templates, ctx.cfg.data.get("dataset")),
+                )
+            ),
             "scale": scale,
         }
 
@@ -548,7 +618,7 @@ class XMoReEvaluator:
         conf_image, conf_text = stream_confidences(p_image, p_text)  # once: order-independent
         seeds = self.seeds if self.seeds is not None else [int(ctx.cfg.seed)]
         by_norm: dict[str, list[float]] = {n: [] for n in NORMALIZERS}
-        acc_all, w_image, w_text = [], [], []
+        acc_all, w_image, w_text, ratios = [], [], [], []
         for seed in seeds:
             order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
             conf = (conf_image[order], conf_text[order])
@@ -559,6 +629,15 @@ class XMoReEvaluator:
                     continue
                 w_image.append(out["w_image"].mean().item())
                 w_text.append(out["w_text"].mean().item())
+                ratios.append(
+                    weight_ratio_by_case(
+                        out["w_image"],
+                        out["w_text"],
+                        (pred_image.cpu() == labels)[order],
+                        (pred_text.cpu() == labels)[order],
+                        out["pred"].cpu() == labels[order],
+                    )
+                )
                 pred_all = p_image_all.argmax(dim=1)  # skipped samples: image-only
                 pred_all[idx[order]] = out["pred"]
                 acc_all.append(100.0 * top1_accuracy(pred_all[valid], labels_all[valid]))
@@ -599,6 +678,7 @@ class XMoReEvaluator:
             "test/weight/text": float(np.mean(w_text)),
         }
         metrics.update({f"test/acc/normalizer/{n}": float(np.mean(v)) for n, v in by_norm.items()})
+        metrics.update(weight_ratio_metrics(ratios))
         metrics.update({f"test/acc/xmore_seed{s}": float(a) for s, a in zip(seeds, main)})
         return metrics
 
@@ -649,3 +729,31 @@ class XMoReEvaluator:
             rows.append(f"{t},{i},{y},{pi},{pt},{px},{ci!r},{ct!r},{wi!r},{wt!r}")  # exact floats
         path = Path(ctx.run_dir) / f"xmore_stream_seed{seed}.csv"
         atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def trainer_encode_fn(
+    trainer: Any,
+    model: torch.nn.Module,
+    preprocess: Callable,
+    tokenizer: Callable,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    on_corrupt: str = "skip",
+) -> Callable[[list[str], str], tuple[torch.Tensor, torch.Tensor]]:
+    """The ``EncodeFn`` of :func:`xmodal.retrieval.clip_index.build`, through a Lightning trainer
+    (``xmodal.retrieval.encode``):
+    DDP-sharded, images decoded with ``on_corrupt`` (``skip``: web collections have broken files,
+    their rows are dropped from the index)."""
+    from xmodal.data.images import ImageDataset
+    from xmodal.retrieval.encode import TextDataset, encode, text_collate
+
+    def encode_fn(items: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = {"batch_size": batch_size, "num_workers": num_workers}
+        if kind == "image":
+            dataset = ImageDataset(items, preprocess, on_corrupt=on_corrupt)
+            return encode(trainer, model, dataset, "image", **loader)
+        dataset = TextDataset(items)
+        return encode(trainer, model, dataset, "text", collate_fn=text_collate(tokenizer), **loader)
+
+    return encode_fn

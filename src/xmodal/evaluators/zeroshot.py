@@ -27,6 +27,7 @@ from torch import nn
 from xmodal.data.base import ClassificationSplit
 from xmodal.evaluators.base import EvalContext
 from xmodal.evaluators.schemas import DEFAULT_TEMPLATES
+from xmodal.evaluators.templates import check_templates, resolve_templates
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -152,8 +153,9 @@ class Encoder:
 def backbone_config(run_cfg: DictConfig, name: str) -> Any:
     """``conf/backbone/<name>.yaml`` validated, its interpolations (``${paths...}``) resolved
     against the run config."""
-    from xmodal.backbones import conf_dir, list_backbones
+    from xmodal.backbones import list_backbones
     from xmodal.backbones.config import as_config
+    from xmodal.config import conf_dir
 
     path = Path(conf_dir()) / "backbone" / f"{name}.yaml"
     if not path.is_file():
@@ -208,12 +210,12 @@ class ZeroShotEvaluator:
 
     def __init__(
         self,
-        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
         logit_scale: float | None = None,
         cache: bool = True,
     ) -> None:
-        class_prompts(["x"], templates)  # a bad template fails at instantiation
-        self.templates = list(templates)
+        check_templates(templates)  # a bad template or name fails at instantiation
+        self.templates = templates if isinstance(templates, str) else list(templates)
         self.logit_scale = logit_scale
         self.use_cache = cache
 
@@ -223,7 +225,8 @@ class ZeroShotEvaluator:
         split = classification_split(ctx, "zeroshot")
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         encoder = Encoder.of_run(ctx)
-        classifier = build_classifier(ctx, encoder, split.classnames, self.templates)
+        templates = resolve_templates(self.templates, ctx.cfg.data.get("dataset"))
+        classifier = build_classifier(ctx, encoder, split.classnames, templates)
         logits, valid = image_logits(
             ctx, encoder, split, classifier, encoder.logit_scale(self.logit_scale)
         )
@@ -238,6 +241,7 @@ class ZeroShotEvaluator:
         )
         out.update(
             {
+                "test/num_templates": len(templates),
                 "test/num_samples": int(valid.sum()),
                 "test/num_classes": num_classes,
                 "test/skipped_images": int((~valid).sum()),

@@ -2,7 +2,8 @@
 
 The demo uses it to pretrain the tiny CLIP on the shapes world so every later method starts from a
 model whose retrieval is well above chance. Validation and test compute image<->text R@K on the
-configured splits with the same code as ``evaluator=retrieval``; ``val/R@1`` (mean of both
+configured splits with the same code as ``evaluator=retrieval``
+(:mod:`xmodal.protocols.retrieval`); ``val/R@1`` (mean of both
 directions) is the checkpoint monitor. With ``export_name`` set, the trained backbone is saved to
 ``<paths.checkpoint_dir>/<export_name>.pt`` in the backbone factory's format.
 """
@@ -165,12 +166,12 @@ class ClipPretrain(pl.LightningModule):
         return gather_by_index(self, idx, {"emb": emb})[0]["emb"].cpu()
 
     def _retrieval_epoch_end(self, prefix: str, split_name: str | None) -> None:
-        from xmodal.evaluators.retrieval import image_text_recall
+        from xmodal.protocols.retrieval import image_text_retrieval_metrics
 
         if not self._outputs:
             return
         split = self.datamodule.splits[split_name]
-        metrics = image_text_recall(
+        metrics = image_text_retrieval_metrics(
             self._gathered(0), self._gathered(1), torch.tensor(split.caption_image)
         )
         self._outputs.clear()

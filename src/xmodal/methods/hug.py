@@ -27,37 +27,28 @@ Every loss and distance is :func:`xmodal.probabilistic.exact`: float32 with auto
 from __future__ import annotations
 
 import contextlib
-import csv
-import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from xmodal.distributed import gather_by_index, gather_with_grad
-from xmodal.methods.schemas import FC_NEGATIVES, HUGConfig
+from xmodal.distributed import gather_with_grad
+from xmodal.errors import check_choice
+from xmodal.methods.schemas import FC_NEGATIVES, HUG_VARIANTS, HUGConfig
 from xmodal.probabilistic import exact, expected_distance, pairwise_sq_distance
+from xmodal.protocols.cir import CIRModule, Embedded, Scoring
 
 if TYPE_CHECKING:
-    from xmodal.data.cir import CIRDataModule, EvalSubset
-
-log = logging.getLogger("xmodal")
-
-VARIANTS = ("paper", "official")
-TEXT_PASSES = ("skip", "zero_token", "cls")  # hug.md §2 options (a), (b), (c)
+    from xmodal.data.cir import CIRDataModule
 
 
-# ----------------------------------------------------------------------------------------------
-# Uncertainty fusion (eqs 10-11)
-# ----------------------------------------------------------------------------------------------
+# -- Uncertainty fusion (eqs 10-11) ----------------------------------------------------------------
 
 
 OFFICIAL_FUSION_EPS = 1e-6  # released DynamicWeighting: in the softmax sum and under the sqrt
@@ -98,8 +89,7 @@ def fuse_uncertainty(
     sigma_q = sqrt(sigma_q^2), so equal inputs fuse to themselves; ``"official"``: the released
     code, eps = 1e-6 in the softmax sum and sigma_q = sqrt(sigma_q^2 + 1e-6).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check_choice("variant", variant, HUG_VARIANTS)
     official = variant == "official"
     if mode == "dynamic":
         if sigma_m is None:
@@ -118,9 +108,7 @@ def fuse_uncertainty(
     return torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses, paper (eqs 9, 13, 16) and released code (hug.md §8)
-# ----------------------------------------------------------------------------------------------
+# -- Losses, paper (eqs 9, 13, 16) and released code (hug.md §8) -----------------------------------
 
 
 @exact
@@ -162,11 +150,9 @@ def fine_grained_contrast(
     ``component`` M'=M, j=i; ``instance`` M'=M, j!=i; ``modality`` M'!=M, any j. Summed over M and
     k, averaged over i. ``on="var"`` contrasts sigma^2 instead of sigma.
     """
-    bad = set(negatives) - set(FC_NEGATIVES)
-    if bad:
-        raise ValueError(f"unknown fine-grained negatives {sorted(bad)}; use {FC_NEGATIVES}")
-    if on not in ("std", "var"):
-        raise ValueError(f"fc_on must be 'std' or 'var', got {on!r}")
+    for kind in negatives:
+        check_choice("fine-grained negatives[]", kind, FC_NEGATIVES)
+    check_choice("fc_on", on, ("std", "var"))
     n, k, _ = sigma_q.shape
     if k < 2 and negatives:
         raise ValueError("the fine-grained contrast needs K >= 2 components (k' != k)")
@@ -281,8 +267,7 @@ def hug_loss(
     ``sigma_m_*=None`` or ``lambda_cord=0`` the coordination term is 0; with ``fc_neg=[]`` or
     ``lambda_fc=0`` the fine-grained term is 0.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check_choice("variant", variant, HUG_VARIANTS)
     for name, x in (("sigma_q", sigma_q), ("mu_c", mu_c), ("sigma_c", sigma_c)):
         if x.shape != mu_q.shape:
             raise ValueError(f"{name} {tuple(x.shape)} must have mu_q's shape {tuple(mu_q.shape)}")
@@ -308,9 +293,7 @@ def hug_loss(
     return {"total": total, "hc": hc, "fc": fc, "cord": cord}
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules
-# ----------------------------------------------------------------------------------------------
+# -- Modules ---------------------------------------------------------------------------------------
 
 
 class UncertaintyEstimator(nn.Module):
@@ -320,14 +303,9 @@ class UncertaintyEstimator(nn.Module):
     def __init__(self, hidden: int, num_heads: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
         self.transformer_layer = nn.TransformerEncoderLayer(
-            d_model=hidden,
-            nhead=num_heads,
-            dim_feedforward=4 * hidden,
-            dropout=dropout,
-            activation="gelu",
-            batch_first=True,
+            hidden, num_heads, 4 * hidden, dropout, activation="gelu", batch_first=True
         )
-        self.uncertainty_head = nn.Sequential(
+        self.uncertainty_head = nn.Sequential(  # fmt: skip
             nn.Linear(hidden, hidden),
             nn.GELU(),
             nn.Dropout(dropout),
@@ -380,40 +358,15 @@ class QueryEncoding:
     image_embeds: Tensor | None = None
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"method.{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _distance_score(queries: Tensor, gallery: Tensor) -> Tensor:
+def distance_score(queries: Tensor, gallery: Tensor) -> Tensor:
     """Ranking score of packed Gaussians [n, 2, F] (mean, std): the expected distance (eq 15)."""
     return expected_distance(queries[:, 0], queries[:, 1], gallery[:, 0], gallery[:, 1])
 
 
-def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """HUG's training augmentation (released code): Resize(size, size) bicubic, horizontal flip
-    (p = 0.5), ColorJitter(0.1, 0.1, 0.1), CLIP normalisation; evaluation uses the backbone's
-    own preprocessing."""
-    from torchvision import transforms
-
-    return transforms.Compose(
-        [
-            transforms.Lambda(lambda im: im.convert("RGB")),
-            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(0.5),
-            transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+# -- The LightningModule ---------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------
-# The LightningModule
-# ----------------------------------------------------------------------------------------------
-
-
-class HUG(pl.LightningModule):
+class HUG(CIRModule):
     """HUG on a BLIP-2 backbone (``xmodal.backbones.blip2.Blip2QFormer``); see the module docs."""
 
     def __init__(
@@ -425,7 +378,7 @@ class HUG(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config} if config else {})
-        self.hp = self._checked(hp)
+        self.hp = hp.check()
         self.official = hp.variant == "official"
         self.text_pass = hp.text_pass or ("cls" if self.official else "skip")
         self.mismatch = hp.mismatch or ("randperm" if self.official else "roll")
@@ -450,33 +403,8 @@ class HUG(pl.LightningModule):
                     self.fc_b = nn.Parameter(torch.tensor(0.0))
         if hp.granularity == "global":
             self.gpo_q, self.gpo_c = GPO(), GPO()
-        self._outputs: dict[int, list[dict[str, Tensor]]] = {}
-        self._query_seconds, self._local_queries = 0.0, 0
-        self.extra_metrics: dict[str, Any] = {}
-
-    @staticmethod
-    def _checked(hp: HUGConfig) -> HUGConfig:
-        _check_choice("variant", hp.variant, VARIANTS)
-        _check_choice("text_pass", hp.text_pass, (None, *TEXT_PASSES))
-        _check_choice("granularity", hp.granularity, ("fine", "global"))
-        _check_choice("fusion", hp.fusion, ("dynamic", "static"))
-        _check_choice("fc_on", hp.fc_on, ("std", "var"))
-        _check_choice("hc_neg_scale", hp.hc_neg_scale, ("batch", "sum"))
-        _check_choice("mismatch", hp.mismatch, (None, "roll", "randperm"))
-        for kind in hp.fc_neg:
-            _check_choice("fc_neg[]", kind, FC_NEGATIVES)
-        if hp.granularity == "global" and hp.fc_neg:
-            raise ValueError("granularity=global has one component per item: set fc_neg=[]")
-        if hp.fusion == "dynamic" and not hp.use_sigma_m:
-            raise ValueError("fusion=dynamic weighs sigma_r, sigma_t and sigma_m: set use_sigma_m")
-        if hp.variant == "official" and not (
-            hp.prob and hp.granularity == "fine" and hp.use_sigma_m and hp.fusion == "dynamic"
-        ):
-            raise ValueError(
-                "variant=official is the released full model; the ablation flags (prob, "
-                "granularity, use_sigma_m, fusion) apply to variant=paper"
-            )
-        return hp
+        self.scoring = Scoring(distance_score, largest=False, chunk_size=hp.chunk_size)
+        self.export_uncertainty = hp.export_uncertainty
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> tuple[HUG, CIRDataModule]:
@@ -485,6 +413,7 @@ class HUG(pl.LightningModule):
         and for the queries; queries carry the reference pixels."""
         from xmodal import backbones
         from xmodal.backbones.blip2 import Blip2QFormer
+        from xmodal.backbones.preprocess import augmented_transform
         from xmodal.data.cir import CIRDataModule
 
         model, preprocess, tokenizer = backbones.build(cfg.backbone)
@@ -496,24 +425,13 @@ class HUG(pl.LightningModule):
         model.train()  # the factory returns eval-mode models; the ViT stays in eval mode
         method = OmegaConf.to_container(cfg.method, resolve=True)
         hp = HUGConfig(**{f.name: method[f.name] for f in fields(HUGConfig) if f.name in method})
-        module = cls(
-            model,
-            hp,
-            run_dir=cfg.run_dir,
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
+        module = cls(model, hp, cfg.run_dir, OmegaConf.to_container(cfg, resolve=True))
         pre = model.preprocess_cfg
-        train_tf = train_transform(pre["size"], pre["mean"], pre["std"]) if hp.augment else None
+        train_tf = augmented_transform(pre["size"], pre["mean"], pre["std"]) if hp.augment else None
         datamodule = CIRDataModule(
-            cfg.data,
-            preprocess,
-            tokenizer,
-            text_mode="blip_caption",
-            query_images=True,
-            seed=cfg.seed,
-            train_preprocess=train_tf,
-            max_words=hp.max_words,
-        )
+            cfg.data, preprocess, tokenizer, text_mode="blip_caption", query_images=True,
+            seed=cfg.seed, train_preprocess=train_tf, max_words=hp.max_words,
+        )  # fmt: skip
         return module, datamodule
 
     # -- encoders (eqs 2-8, 10-11) -----------------------------------------------------------
@@ -605,22 +523,12 @@ class HUG(pl.LightningModule):
             for x in (q.mu, q.sigma, mu_c, sigma_c, q.sigma_m, sigma_m_mismatched)
         )
         losses = hug_loss(  # eqs 9, 13-17
-            mu_q,
-            sigma_q,
-            mu_c,
-            sigma_c,
-            sigma_m,
-            sigma_m_mismatched,
-            variant=hp.variant,
-            lambda_fc=hp.lambda_fc,
-            lambda_cord=hp.lambda_cord,
-            fc_neg=hp.fc_neg,
-            fc_on=hp.fc_on,
-            hc_neg_scale=hp.hc_neg_scale,
-            fc_temperature=hp.official_fc_temperature,
-            cord_margin=hp.official_cord_margin,
+            mu_q, sigma_q, mu_c, sigma_c, sigma_m, sigma_m_mismatched,
+            variant=hp.variant, lambda_fc=hp.lambda_fc, lambda_cord=hp.lambda_cord,
+            fc_neg=hp.fc_neg, fc_on=hp.fc_on, hc_neg_scale=hp.hc_neg_scale,
+            fc_temperature=hp.official_fc_temperature, cord_margin=hp.official_cord_margin,
             **learnt,
-        )
+        )  # fmt: skip
         for key, value in losses.items():
             self.log(f"train/{'loss' if key == 'total' else key}", value, prog_bar=key == "total")
         return losses["total"]
@@ -628,12 +536,9 @@ class HUG(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hp
         eps = hp.adam_eps if hp.adam_eps is not None else (1e-8 if self.official else 1e-7)
+        trainable = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            eps=eps,
-            weight_decay=hp.weight_decay,
+            trainable, lr=hp.lr, betas=tuple(hp.betas), eps=eps, weight_decay=hp.weight_decay
         )
         epochs = max(1, int(self.trainer.max_epochs or 1))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=hp.eta_min)
@@ -667,220 +572,28 @@ class HUG(pl.LightningModule):
             state.setdefault(key, value)
         return super().load_state_dict(state, strict=strict, assign=assign)
 
-    # -- evaluation: encode gallery and queries, then rank by the expected distance ------------
-    def on_validation_epoch_start(self) -> None:
-        self._outputs.clear()
-        self._query_seconds, self._local_queries = 0.0, 0
+    # -- evaluation (xmodal.protocols.cir): Gaussians ranked by the expected distance (eq 15) -----
+    def encode_gallery(self, pixels: Tensor) -> dict[str, Tensor]:
+        mu, sigma = self.encode_target(pixels)
+        return {"packed": torch.stack([mu.flatten(1), sigma.flatten(1)], 1)}
 
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _eval_step(self, batch: Any, dataloader_idx: int) -> None:
-        """Loader 2s: gallery images of subset s (cached means and variances); loader 2s+1: its
-        queries (reference pixels + text), timed."""
-        if dataloader_idx % 2 == 0:
-            idx, pixels, _ = batch
-            mu, sigma = self.encode_target(pixels)
-            packed = torch.stack([mu.flatten(1), sigma.flatten(1)], 1)
-            self._store(dataloader_idx, idx, packed=packed)
-            return
-        idx, pixels, tokens = batch
-        start = time.perf_counter()
+    def encode_queries(self, pixels: Tensor, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The packed query Gaussian and the mean variance of sigma_q and of its sources (NaN
+        for a source the model does not have)."""
         q = self.encode_query(pixels, tokens)
-        if q.mu.is_cuda:
-            torch.cuda.synchronize(q.mu.device)
-        self._query_seconds += time.perf_counter() - start
-        self._local_queries += len(q.mu)
-        sources = [q.sigma, q.sigma_r, q.sigma_t, q.sigma_m]
-        stats = torch.stack(
-            [
-                s.pow(2).flatten(1).mean(1)
-                if s is not None
-                else q.mu.new_full((len(q.mu),), math.nan)
-                for s in sources
-            ],
-            1,
-        )
-        packed = torch.stack([q.mu.flatten(1), q.sigma.flatten(1)], 1)
-        self._store(dataloader_idx, idx, packed=packed, stats=stats)
+        out = {"packed": torch.stack([q.mu.flatten(1), q.sigma.flatten(1)], 1)}
+        for name, s in (("sigma_q2", q.sigma), ("sigma_r2", q.sigma_r), ("sigma_t2", q.sigma_t),
+                        ("sigma_m2", q.sigma_m)):  # fmt: skip
+            nan = q.mu.new_full((len(q.mu),), math.nan)
+            out[name] = s.pow(2).flatten(1).mean(1) if s is not None else nan
+        return out
 
-    def _store(self, dataloader_idx: int, idx: Tensor, **values: Tensor) -> None:
-        self._outputs.setdefault(dataloader_idx, []).append(
-            {"idx": idx.to(self.device), **{k: v.float() for k, v in values.items()}}
-        )
-
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
-
-    def _gathered(self, dataloader_idx: int, n: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Outputs of a loader in dataset order on every rank, and which rows were encoded (all,
-        unless ``limit_*_batches`` cut the loader short). DistributedSampler duplicates carry
-        identical values."""
-        parts = self._outputs.get(dataloader_idx, [])
-        if not parts:
-            return {}, torch.zeros(n, dtype=torch.bool)
-        idx = torch.cat([p["idx"] for p in parts])
-        values = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "idx"}
-        return gather_by_index(self, idx, values, n)
-
-    def _embedded(
-        self, stage: str, full: EvalSubset, s: int
-    ) -> tuple[EvalSubset, Tensor, Tensor, Tensor] | None:
-        """(subset, packed queries [Q, 2, F], packed gallery [G, 2, F], query stats [Q, 4]) of
-        subset ``s``, limited to what was encoded; None when nothing was."""
-        gallery, g_seen = self._gathered(2 * s, len(full.split.gallery))
-        queries, q_seen = self._gathered(2 * s + 1, len(full.split.text))
-        if not gallery or not queries:
-            return None
-        q, g, stats = queries["packed"], gallery["packed"], queries["stats"]
-        subset = full
-        if not (g_seen.all() and q_seen.all()):  # limit_val_batches / limit_test_batches
-            subset, g_keep, q_keep = full.restrict(g_seen, q_seen)
-            log.warning(
-                "%s %s: evaluating %d of %d queries on %d of %d gallery images (loaders cut "
-                "short by limit_%s_batches)",
-                stage, full.split.name, len(q_keep), len(q_seen), len(g_keep), len(g_seen), stage,
-            )  # fmt: skip
-            g, q_keep = g[g_keep.to(g.device)], q_keep.to(q.device)
-            q, stats = q[q_keep], stats[q_keep]
-        return subset, q, g, stats
-
-    @torch.no_grad()
-    def _evaluate(self, stage: str, subsets: list[EvalSubset]) -> None:
-        """Rank every subset's gallery by the expected distance (eq 15) for its queries; log the
-        protocol recalls (%, :func:`xmodal.data.cir.subset_metrics`) and the time per query."""
-        from xmodal.data.cir import fashioniq_summary, subset_metrics, target_ranks
-
-        score = {"score_fn": _distance_score, "largest": False, "chunk_size": self.hp.chunk_size}
-        metrics: dict[str, float] = {}
-        export: list[dict[str, Any]] = []
-        categories: list[str] = []
-        rank_seconds, ranked = 0.0, 0
-        for s, full in enumerate(subsets):
-            embedded = self._embedded(stage, full, s)
-            if embedded is None:
-                continue
-            subset, q, g, stats = embedded
-            self.extra_metrics.update({f"{stage}/{k}": v for k, v in subset.counts().items()})
-            if subset.target is None:  # CIRR test1: labels withheld, write the server files
-                if stage == "test":
-                    self._write_submission(subset, q, g)
-                continue
-            if not len(subset.target):
-                continue
-            start = time.perf_counter()
-            metrics.update(subset_metrics(subset, q, g, **score))
-            rank_seconds, ranked = rank_seconds + time.perf_counter() - start, ranked + len(q)
-            if subset.family == "fashioniq":
-                categories.append(subset.key)
-            if stage == "test" and self.hp.export_uncertainty and self.hp.prob:
-                export += _export_rows(subset, target_ranks(subset, q, g, **score), stats)
-        if categories and len(categories) == sum(s.family == "fashioniq" for s in subsets):
-            metrics.update(fashioniq_summary(metrics, categories))
-        if ranked:  # query encoding timed on this rank's queries, ranking on all of them
-            encode_ms = 1000 * self._query_seconds / max(1, self._local_queries)
-            metrics["ms_per_query"] = encode_ms + 1000 * rank_seconds / ranked
-        self._outputs.clear()
-        for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key == "avg", rank_zero_only=False)
-        if export:
-            self._export_uncertainty(export)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._outputs:
-            self._evaluate("val", self.trainer.datamodule.val_subsets)
-
-    def on_test_epoch_end(self) -> None:
-        if self._outputs:
-            self._evaluate("test", self.trainer.datamodule.test_subsets)
-
-    # -- outputs in the run directory --------------------------------------------------------
-    def _write_submission(self, subset: EvalSubset, q: Tensor, g: Tensor) -> None:
-        """CIRR test1: the two evaluation-server files (top 50; best 3 of the image set) in
-        ``<run_dir>/submission/``, ranked by ascending expected distance."""
-        from xmodal.data.cir import cirr_submission, write_cirr_submission
-
-        if self.run_dir is None or subset.members is None:
-            return
-        score = {"score_fn": _distance_score, "largest": False, "chunk_size": self.hp.chunk_size}
-        recall, recall_subset = cirr_submission(subset, q, g, **score)
-        if self.trainer.global_rank == 0:
-            folder = self.run_dir / "submission"
-            paths = write_cirr_submission(folder, subset.split.name, recall, recall_subset)
-            self.extra_metrics.update(
-                {f"test/submission/{p.name.split('_submission')[0]}": str(p) for p in paths}
-            )
-
-    def _export_uncertainty(self, rows: list[dict[str, Any]]) -> None:
-        """Per-query uncertainties of the test split to ``<run_dir>/uncertainty_test.csv``."""
-        if self.run_dir is None or self.trainer.global_rank != 0:
-            return
-        from xmodal.runs import atomic_write_text
-
-        text = _csv(rows)
-        atomic_write_text(self.run_dir / "uncertainty_test.csv", text)
-        self.extra_metrics["test/uncertainty_file"] = str(self.run_dir / "uncertainty_test.csv")
-        self.extra_metrics.update(_calibration(rows))
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _export_rows(subset: EvalSubset, ranks: Tensor, stats: Tensor) -> list[dict[str, Any]]:
-    """One row per query: names, target rank and mean variances (sigma_q^2, r, t, m)."""
-    split = subset.split
-    rows = []
-    for i, (rank, row) in enumerate(zip(ranks.tolist(), stats.tolist())):
-        s_q, s_r, s_t, s_m = row
-        rows.append(
-            {
-                "block": subset.key or split.name,
-                "query": i,
-                "pairid": split.pair_ids[i] if split.pair_ids else "",
-                "reference": split.reference[i],
-                "target": split.target[i],
-                "rank": rank,
-                "sigma_q2": s_q,
-                "sigma_r2": s_r,
-                "sigma_t2": s_t,
-                "sigma_m2": s_m,
-            }
-        )
-    return rows
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _calibration(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """How well the query uncertainty (mean sigma_q^2; confidence = its negative) predicts a hit,
-    per block, with the uCLIP calibration metrics (``xmodal.metrics.calibration``): S, R^2, -S R^2
-    over 10 confidence bins, AUROC and AURC; hits at R@10 (FashionIQ) or R@1 (CIRR)."""
-    try:
-        from xmodal.metrics import calibration as cal
-    except ImportError:  # pragma: no cover - the uCLIP metrics module ships with xmodal
-        log.warning("xmodal.metrics.calibration is missing: no calibration metrics for HUG")
-        return {}
-    out: dict[str, float] = {}
-    for block in dict.fromkeys(r["block"] for r in rows):
-        mine = [r for r in rows if r["block"] == block]
-        k = 1 if mine[0]["pairid"] != "" else 10  # CIRR rows carry a pairid
-        confidence = -torch.tensor([r["sigma_q2"] for r in mine], dtype=torch.float64)
-        hits = torch.tensor([r["rank"] < k for r in mine])
-        prefix = f"test/{block}/calibration@{k}"
-        scores = cal.calibration_scores(cal.confidence_bins(confidence, hits, num_bins=10))
-        out.update({f"{prefix}/{name}": value for name, value in scores.items()})
-        out[f"{prefix}/AUROC"] = cal.confidence_auroc(confidence, hits)
-        out[f"{prefix}/AURC"] = cal.confidence_aurc(confidence, hits)
-    return out
+    def embed(
+        self, gallery: dict[str, Tensor], queries: dict[str, Tensor], reference: Tensor
+    ) -> Embedded:
+        """Packed Gaussians [n, 2, K*D]; the query uncertainty is its mean sigma_q^2 (with the
+        means of sigma_r^2, sigma_t^2, sigma_m^2 beside it), none for point matching (row 0)."""
+        if not self.hp.prob:
+            return Embedded(queries["packed"], gallery["packed"])
+        extras = {k: queries[k] for k in ("sigma_r2", "sigma_t2", "sigma_m2")}
+        return Embedded(queries["packed"], gallery["packed"], queries["sigma_q2"], extras)

@@ -23,15 +23,13 @@ noise/signal ratio ``init_noise_ratio`` for any width d (``logvar_init=null``); 
 ``lambda_kl`` are options against the collapse to plain InfoNCE (docs/ruir.md).
 
 Training (§5): AdamW, linear warm-up then multi-step decay per epoch; the best checkpoint by
-validation R@10. Evaluation: FashionIQ per category under ``data.protocol``, CIRR R@K / Rs@K and
-the CIRR test1 submission files; the per-query uncertainty (mean predicted variance of the query)
-goes to ``<run_dir>/uncertainty/`` with calibration metrics.
+validation R@10. Evaluation is the shared CIR protocol (:mod:`xmodal.protocols.cir`, docs/cir.md):
+RUIR supplies the cosine of the two means as its score and the query's mean predicted variance
+as its per-query uncertainty.
 """
 
 from __future__ import annotations
 
-import csv
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from xmodal.data.cir import CIRDataModule, EvalSubset
+from xmodal.data.cir import CIRDataModule
 from xmodal.methods.schemas import RUIRConfig
 from xmodal.probabilistic import (
     exact,
@@ -52,14 +50,7 @@ from xmodal.probabilistic import (
     sigma_from_logvar,
     wasserstein2,
 )
-
-log = logging.getLogger("xmodal")
-
-TOWERS = ("both", "image", "text", "none")
-UA_MODES = ("stacked", "parallel")
-CSU_SPACES = ("target", "query")
-DR_ON = ("normalized", "raw")
-
+from xmodal.protocols.cir import CIRModule, Embedded
 
 # ----------------------------------------------------------------------------------------------
 # Losses (§4)
@@ -321,12 +312,6 @@ def multistep_with_warmup(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_choice(cfg: RUIRConfig, key: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, key)
-    if value not in allowed:
-        raise ValueError(f"method.{key}={value!r} is not one of {allowed}")
-
-
 def _tower_prefixes(
     backbone: nn.Module,
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -340,7 +325,7 @@ def _tower_prefixes(
     return ("visual.",), ("",), ("logit_scale", "logit_bias")
 
 
-class RUIR(pl.LightningModule):
+class RUIR(CIRModule):
     """RUIR on a CLIP-style backbone (``encode_image``/``encode_text``) of joint dimension d."""
 
     def __init__(
@@ -352,13 +337,7 @@ class RUIR(pl.LightningModule):
         config: dict | None = None,
     ) -> None:
         super().__init__()
-        for key, allowed in (
-            ("train_backbone", TOWERS),
-            ("ua_mode", UA_MODES),
-            ("csu_space", CSU_SPACES),
-            ("dr_on", DR_ON),
-        ):
-            _check_choice(cfg, key, allowed)
+        cfg.check()
         self.save_hyperparameters({"config": config} if config else {})
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else None
@@ -387,9 +366,7 @@ class RUIR(pl.LightningModule):
             self.log_inv_tau = nn.Parameter(log_inv_tau)
         else:
             self.register_buffer("log_inv_tau", log_inv_tau)
-        self.datamodule: CIRDataModule | None = None
-        self._outputs: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self.extra_metrics: dict[str, Any] = {}
+        self.export_uncertainty = cfg.export_uncertainty  # scored by cosine (CIRModule.scoring)
 
     @staticmethod
     def _select_trainable(backbone: nn.Module, towers: str) -> tuple[bool, bool]:
@@ -436,7 +413,6 @@ class RUIR(pl.LightningModule):
             run_dir=cfg.run_dir,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        module.datamodule = datamodule
         return module, datamodule
 
     def train(self, mode: bool = True) -> RUIR:
@@ -532,157 +508,20 @@ class RUIR(pl.LightningModule):
             EarlyStopping(self.cfg.monitor, patience=self.cfg.early_stopping_patience, mode="max")
         ]
 
-    # -- evaluation ---------------------------------------------------------------------------
-    def _encode_step(self, batch: Any, dataloader_idx: int) -> None:
-        """Loader 2s: gallery images of subset s; loader 2s+1: its query texts."""
-        if dataloader_idx % 2 == 0:
-            idx, pixels, _ = batch
-            emb = self.encode_images(pixels)
-        else:
-            idx, tokens = batch
-            emb = self.encode_texts(tokens)
-        self._outputs.setdefault(dataloader_idx, []).append((idx, emb))
+    # -- evaluation (xmodal.protocols.cir): features, then the UA means and the query sigma -----
+    def encode_gallery(self, pixels: Tensor) -> dict[str, Tensor]:
+        return {"v": self.encode_images(pixels)}
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._encode_step(batch, dataloader_idx)
+    def encode_queries(self, tokens: Any) -> dict[str, Tensor]:
+        return {"t": self.encode_texts(tokens)}
 
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._encode_step(batch, dataloader_idx)
-
-    def _gathered(self, dataloader_idx: int, n: int) -> tuple[Tensor, Tensor]:
-        """(embeddings [n, d] in dataset order, seen [n]) across ranks; DistributedSampler
-        padding duplicates carry identical embeddings, unseen rows (limit_*_batches) are 0."""
-        from xmodal.distributed import gather_by_index
-
-        outputs = self._outputs.get(dataloader_idx, [])
-        if not outputs:
-            return torch.zeros(n, 1, device=self.device), torch.zeros(n, dtype=torch.bool)
-        idx = torch.cat([i for i, _ in outputs])
-        emb = torch.cat([e for _, e in outputs])
-        out, seen = gather_by_index(self, idx, {"emb": emb}, n)
-        return out["emb"], seen
-
-    def embed_subset(self, subset: EvalSubset, s: int) -> tuple[EvalSubset, Tensor, Tensor, Tensor]:
-        """(subset, q = normalize(mu_s) [Q, d], g = normalize(mu_t) [G, d], sigma_s [Q, d]) from
-        the gathered features of loaders 2s and 2s+1; reference features are the gallery's."""
-        v_g, g_seen = self._gathered(2 * s, len(subset.split.gallery))
-        t, q_seen = self._gathered(2 * s + 1, len(subset.split.text))
-        if not (g_seen.all() and q_seen.all()):  # limit_val_batches / limit_test_batches
-            subset, g_keep, q_keep = subset.restrict(g_seen, q_seen)
-            log.warning(
-                "%s: only part of the data was encoded (limit_*_batches); metrics use %d of %d "
-                "queries and %d of %d gallery images",
-                subset.split.name, len(q_keep), len(q_seen), len(g_keep), len(g_seen),
-            )  # fmt: skip
-            v_g, t = v_g[g_keep.to(v_g.device)], t[q_keep.to(t.device)]
-        v_r = v_g[subset.reference.to(v_g.device)]
-        src, tgt = self.source_gaussian(v_r, t), self.target_gaussian(v_g)  # deterministic
-        return subset, F.normalize(src.mu, dim=-1), F.normalize(tgt.mu, dim=-1), src.sigma
-
-    @torch.no_grad()
-    def _evaluate(self, stage: str, subsets: list[EvalSubset]) -> None:
-        from xmodal.data.cir import fashioniq_summary, subset_metrics
-
-        metrics: dict[str, float] = {}
-        categories = []
-        for s, full in enumerate(subsets):
-            subset, q, g, sigma = self.embed_subset(full, s)
-            self.extra_metrics.update({f"{stage}/{k}": v for k, v in subset.counts().items()})
-            if subset.target is None:  # CIRR test1: labels withheld, write the submission
-                if stage == "test":
-                    self._write_submission(subset, q, g)
-                continue
-            if len(subset.target) == 0:
-                continue
-            metrics.update(subset_metrics(subset, q, g))
-            if subset.family == "fashioniq":
-                categories.append(subset.key)
-            if stage == "test" and self.cfg.export_uncertainty:
-                self._export_uncertainty(stage, subset, q, g, sigma)
-        if categories and len(categories) == sum(s.family == "fashioniq" for s in subsets):
-            metrics.update(fashioniq_summary(metrics, categories))
-        self._outputs.clear()
-        for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, rank_zero_only=False)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._outputs:
-            self._evaluate("val", self.datamodule.val_subsets)
-
-    def on_test_epoch_end(self) -> None:
-        if self._outputs:
-            self._evaluate("test", self.datamodule.test_subsets)
-
-    # -- outputs in the run directory -----------------------------------------------------
-    def _out_dir(self, name: str) -> Path | None:
-        if self.run_dir is None or self.trainer.global_rank != 0:
-            return None
-        return self.run_dir / name
-
-    def _write_submission(self, subset: EvalSubset, q: Tensor, g: Tensor) -> None:
-        """The two CIRR test-server files in ``<run_dir>/submission/`` (cir.md §2.3)."""
-        from xmodal.data.cir import cirr_submission, write_cirr_submission
-
-        folder = self._out_dir("submission")
-        if folder is None:
-            return
-        recall, recall_subset = cirr_submission(subset, q, g)
-        paths = write_cirr_submission(folder, subset.split.name, recall, recall_subset)
-        self.extra_metrics[f"test/{subset.prefix}submission_queries"] = len(subset.split.pair_ids)
-        log.info("CIRR submission files: %s", ", ".join(map(str, paths)))
-
-    def _export_uncertainty(
-        self, stage: str, subset: EvalSubset, q: Tensor, g: Tensor, sigma: Tensor
-    ) -> None:
-        """Per-query uncertainty u_i = mean_d sigma_s,i,d^2 with the target's rank, to
-        ``<run_dir>/uncertainty/<stage>_<subset>.csv``, and its calibration metrics."""
-        from xmodal.data.cir import target_ranks
-
-        folder = self._out_dir("uncertainty")
-        if folder is None:
-            return
-        uncertainty = sigma.pow(2).mean(-1).cpu()
-        ranks = target_ranks(subset, q, g).cpu()
-        split = subset.split
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{stage}_{subset.key or split.name}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["query", "reference", "target", "text", "uncertainty", "target_rank"])
-            for i, (ref, tgt, text) in enumerate(zip(split.reference, split.target, split.text)):
-                # exact floats: near-equal uncertainties must stay distinct for the calibration
-                writer.writerow([i, ref, tgt, text, repr(float(uncertainty[i])), int(ranks[i])])
-        self.extra_metrics.update(
-            {
-                f"{stage}/{subset.prefix}uncertainty/{k}": v
-                for k, v in uncertainty_calibration(uncertainty, ranks).items()
-            }
-        )
-
-
-def uncertainty_calibration(
-    uncertainty: Tensor, ranks: Tensor, ks: tuple[int, ...] = (1, 10)
-) -> dict[str, float]:
-    """How well a per-query uncertainty predicts retrieval failure, with uCLIP's calibration
-    metrics (:mod:`xmodal.metrics.calibration`; confidence = -uncertainty).
-
-    For each k: ``k<k>/S``, ``k<k>/R2``, ``k<k>/-SR2`` over 10 equal-width confidence bins of
-    the R@k hits, and ``k<k>/AUROC`` (higher is better) and ``k<k>/AURC`` (lower is better) of
-    the confidence for a hit; plus ``mean``, the mean uncertainty.
-    """
-    from xmodal.metrics.calibration import (
-        calibration_scores,
-        confidence_aurc,
-        confidence_auroc,
-        confidence_bins,
-    )
-
-    confidence = -uncertainty.double()
-    out = {"mean": float(uncertainty.mean())}
-    for k in ks:
-        hits = ranks < k
-        scores = calibration_scores(confidence_bins(confidence, hits, num_bins=10))
-        scores["AUROC"] = confidence_auroc(confidence, hits)
-        scores["AURC"] = confidence_aurc(confidence, hits)
-        out.update({f"k{k}/{name}": value for name, value in scores.items()})
-    return out
+    def embed(
+        self, gallery: dict[str, Tensor], queries: dict[str, Tensor], reference: Tensor
+    ) -> Embedded:
+        """q = normalize(mu_s) [Q, d] and g = normalize(mu_t) [G, d], ranked by cosine; the
+        uncertainty u = mean_d sigma_s^2 of the query. The reference features are the gallery's."""
+        v_g = gallery["v"]
+        src = self.source_gaussian(v_g[reference], queries["t"])  # deterministic: the means
+        tgt = self.target_gaussian(v_g)
+        q, g = F.normalize(src.mu, dim=-1), F.normalize(tgt.mu, dim=-1)
+        return Embedded(q, g, uncertainty=src.sigma.pow(2).mean(-1))

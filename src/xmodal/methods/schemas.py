@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from xmodal.errors import ConfigError, check_choice
+
 #: HUG eq 16: the negatives of the fine-grained contrast.
 FC_NEGATIVES = ("component", "instance", "modality")
+HUG_VARIANTS = ("paper", "official")
+HUG_TEXT_PASSES = ("skip", "zero_token", "cls")  # hug.md §2 options (a), (b), (c)
 
 
 @dataclass
@@ -76,6 +80,17 @@ class RUIRConfig:
     submission_split: str | None = "test1"  # CIRR: also write the test-server files for it
     export_uncertainty: bool = True  # per-query uncertainty + calibration at test time
 
+    def check(self) -> RUIRConfig:
+        """Refuse values outside their choices (ConfigError naming the key); returns self."""
+        for key, allowed in (
+            ("train_backbone", ("both", "image", "text", "none")),
+            ("ua_mode", ("stacked", "parallel")),
+            ("csu_space", ("target", "query")),
+            ("dr_on", ("normalized", "raw")),
+        ):
+            check_choice(f"method.{key}", getattr(self, key), allowed)
+        return self
+
 
 @dataclass
 class HUGConfig:
@@ -115,6 +130,32 @@ class HUGConfig:
     chunk_size: int = 256  # queries per ranking chunk
     export_uncertainty: bool = True  # per-query uncertainties of the test split to the run dir
     monitor: str = "val/avg"  # FashionIQ (R@10+R@50)/2 averaged over categories; CIRR (R@5+Rs@1)/2
+
+    def check(self) -> HUGConfig:
+        """Refuse values outside their choices and impossible combinations; returns self."""
+        for key, allowed in (
+            ("variant", HUG_VARIANTS),
+            ("text_pass", (None, *HUG_TEXT_PASSES)),
+            ("granularity", ("fine", "global")),
+            ("fusion", ("dynamic", "static")),
+            ("fc_on", ("std", "var")),
+            ("hc_neg_scale", ("batch", "sum")),
+            ("mismatch", (None, "roll", "randperm")),
+        ):
+            check_choice(f"method.{key}", getattr(self, key), allowed)
+        for kind in self.fc_neg:
+            check_choice("method.fc_neg[]", kind, FC_NEGATIVES)
+        if self.granularity == "global" and self.fc_neg:
+            raise ConfigError("granularity=global has one component per item: set fc_neg=[]")
+        if self.fusion == "dynamic" and not self.use_sigma_m:
+            raise ConfigError("fusion=dynamic weighs sigma_r, sigma_t and sigma_m: set use_sigma_m")
+        full = self.prob and self.granularity == "fine" and self.use_sigma_m
+        if self.variant == "official" and not (full and self.fusion == "dynamic"):
+            raise ConfigError(
+                "variant=official is the released full model; the ablation flags (prob, "
+                "granularity, use_sigma_m, fusion) apply to variant=paper"
+            )
+        return self
 
 
 #: ProbVLM: what ``method.variant`` switches (docs/probvlm.md), and the uncertainties it reports.

@@ -1,4 +1,4 @@
-"""Metrics as plain functions on tensors, with torchmetrics wrappers where ranks must sync.
+"""Metrics as plain functions on tensors (results gathered across ranks are computed once).
 
 One re-export per line (``name as name`` marks it public), one block per module.
 """
@@ -11,21 +11,22 @@ from xmodal.metrics.calibration import confidence_bins as confidence_bins
 from xmodal.metrics.calibration import confidence_ece as confidence_ece
 from xmodal.metrics.calibration import rejection_area as rejection_area
 from xmodal.metrics.calibration import rejection_curve as rejection_curve
+from xmodal.metrics.calibration import uncertainty_calibration as uncertainty_calibration
 from xmodal.metrics.classification import entropy as entropy
 from xmodal.metrics.classification import entropy_confidence as entropy_confidence
 from xmodal.metrics.classification import mean_per_class_recall as mean_per_class_recall
 from xmodal.metrics.classification import top1_accuracy as top1_accuracy
 from xmodal.metrics.classification import topk_accuracy as topk_accuracy
-from xmodal.metrics.retrieval import RetrievalRecallMetric as RetrievalRecallMetric
-from xmodal.metrics.retrieval import cirr_recall as cirr_recall
+from xmodal.metrics.precision import map_at_r as map_at_r
+from xmodal.metrics.precision import precision_at_r as precision_at_r
+from xmodal.metrics.precision import r_precision as r_precision
+from xmodal.metrics.precision import ranked_hits as ranked_hits
 from xmodal.metrics.retrieval import cirr_recall_from_embeddings as cirr_recall_from_embeddings
 from xmodal.metrics.retrieval import fashioniq_average as fashioniq_average
-from xmodal.metrics.retrieval import fashioniq_recall as fashioniq_recall
 from xmodal.metrics.retrieval import image_text_recall as image_text_recall
 from xmodal.metrics.retrieval import positive_ranks as positive_ranks
 from xmodal.metrics.retrieval import (
     positive_ranks_from_embeddings as positive_ranks_from_embeddings,
 )
-from xmodal.metrics.retrieval import recall_at_k as recall_at_k
 from xmodal.metrics.retrieval import recall_from_embeddings as recall_from_embeddings
 from xmodal.metrics.retrieval import recall_from_ranks as recall_from_ranks

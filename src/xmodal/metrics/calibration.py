@@ -385,3 +385,26 @@ def write_calibration_outputs(
             ax.set(title=f"{titles[d]} {key}", xlabel="queries removed", ylabel=key)
             ax.legend(fontsize="small", loc="upper left")
     fig.savefig(run_dir / "rejection.png", dpi=100)
+
+
+def uncertainty_calibration(
+    uncertainty: Tensor, ranks: Tensor, ks: Sequence[int] = (1, 10), num_bins: int = 10
+) -> dict[str, float]:
+    """How well a per-query uncertainty predicts retrieval failure (confidence = -uncertainty).
+
+    ``ranks`` are the 0-based ranks of each query's target, so a hit at k is ``rank < k``. For
+    each k: ``k<k>/S``, ``k<k>/R2``, ``k<k>/-SR2`` over ``num_bins`` equal-width confidence bins
+    (:func:`calibration_scores`), ``k<k>/AUROC`` (higher is better) and ``k<k>/AURC`` (lower is
+    better) of the confidence for a hit; plus ``mean``, the mean uncertainty.
+    """
+    uncertainty = torch.as_tensor(uncertainty).detach().flatten().cpu()
+    ranks = torch.as_tensor(ranks).detach().flatten().cpu()
+    confidence = -uncertainty.double()
+    out = {"mean": float(uncertainty.mean())}
+    for k in ks:
+        hits = ranks < k
+        scores = calibration_scores(confidence_bins(confidence, hits, num_bins=num_bins))
+        scores["AUROC"] = confidence_auroc(confidence, hits)
+        scores["AURC"] = confidence_aurc(confidence, hits)
+        out.update({f"k{k}/{name}": value for name, value in scores.items()})
+    return out

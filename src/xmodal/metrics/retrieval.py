@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from xmodal.retrieval.search import (
     DEFAULT_CHUNK_SIZE,
@@ -29,7 +27,6 @@ from xmodal.retrieval.search import (
     ScoreFn,
     gather_scores,
     rank_of,
-    rank_of_scores,
     topk,
     topk_scores,
 )
@@ -58,18 +55,6 @@ def positive_ranks(scores: Tensor, positives: Tensor, max_rank: int) -> Tensor:
     _, indices = topk_scores(scores, depth)
     rank = _first_hit_rank(positives.bool().gather(1, indices))
     return torch.where(rank >= depth, torch.full_like(rank, max_rank), rank)
-
-
-def recall_at_k(
-    scores: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)
-) -> dict[int, float]:
-    """Recall@k on a dense problem, as CLIP_benchmark computes it: take the top ``max(ks)``
-    of each row and check whether any positive is among the first k.
-
-    ``scores`` float [Q, G] (higher = better), ``positives`` bool [Q, G]. Queries without a
-    positive count as misses. A k larger than G means "the whole gallery".
-    """
-    return recall_from_ranks(positive_ranks(scores, positives, max(ks)), ks)
 
 
 def positive_ranks_from_embeddings(
@@ -118,8 +103,9 @@ def recall_from_embeddings(
     score_fn: ScoreFn | None = None,
     largest: bool = True,
 ) -> dict[int, float]:
-    """Recall@k from embeddings without a Q x G matrix; equals :func:`recall_at_k` on
-    ``score_fn(queries, gallery)`` with ``positives = query_labels[:, None] == gallery_labels``."""
+    """Recall@k from embeddings without a Q x G matrix; equals CLIP_benchmark's dense Recall@k on
+    ``score_fn(queries, gallery)`` with ``positives = query_labels[:, None] == gallery_labels``
+    (``tests/retrieval_reference.py``)."""
     ranks = positive_ranks_from_embeddings(
         queries,
         gallery,
@@ -203,40 +189,6 @@ def _cirr_result(
     return out
 
 
-def cirr_recall(
-    scores: Tensor,
-    target: Tensor,
-    reference: Tensor,
-    members: Tensor,
-    ks: Sequence[int] = (1, 5, 10, 50),
-    subset_ks: Sequence[int] = (1, 2, 3),
-    *,
-    largest: bool = True,
-) -> dict[str, float]:
-    """CIRR validation metrics (CLIP4Cir ``compute_cirr_val_metrics``), as fractions.
-
-    ``scores`` [Q, G]; ``target``, ``reference`` long [Q]; ``members`` long [Q, M], the gallery
-    indices of each query's image set (CIRR: 6, reference and target included). The reference is
-    always removed from the ranking. ``R@k`` ranks the whole gallery; ``Rs@k`` ranks only the
-    members other than the reference, from their gathered scores (no sort). Keys ``"R@1"`` ...
-    ``"Rs@3"``.
-    """
-    target, reference, members = (
-        torch.as_tensor(x, dtype=torch.long) for x in (target, reference, members)
-    )
-    _check_reference(target, reference)
-    rank = rank_of_scores(scores, target, exclude=reference, largest=largest)
-    subset_rank = _subset_ranks(
-        scores.gather(1, target[:, None]).squeeze(1),
-        scores.gather(1, members),
-        target,
-        reference,
-        members,
-        largest,
-    )
-    return _cirr_result(rank, subset_rank, ks, subset_ks)
-
-
 def cirr_recall_from_embeddings(
     queries: Tensor,
     gallery: Tensor,
@@ -250,7 +202,14 @@ def cirr_recall_from_embeddings(
     score_fn: ScoreFn | None = None,
     largest: bool = True,
 ) -> dict[str, float]:
-    """:func:`cirr_recall` from embeddings, chunked (no Q x G matrix); same numbers."""
+    """CIRR validation metrics (CLIP4Cir ``compute_cirr_val_metrics``) from embeddings, as
+    fractions, chunked (no Q x G matrix).
+
+    ``target``, ``reference`` long [Q]; ``members`` long [Q, M], the gallery indices of each
+    query's image set (CIRR: 6, reference and target included). The reference is always removed
+    from the ranking. ``R@k`` ranks the whole gallery; ``Rs@k`` ranks only the members other
+    than the reference, from their scores (no sort). Keys ``"R@1"`` ... ``"Rs@3"``.
+    """
     target, reference, members = (
         torch.as_tensor(x, dtype=torch.long) for x in (target, reference, members)
     )
@@ -275,25 +234,6 @@ def cirr_recall_from_embeddings(
     return _cirr_result(rank, subset_rank, ks, subset_ks)
 
 
-def fashioniq_recall(
-    scores: Tensor,
-    target: Tensor,
-    reference: Tensor | None = None,
-    ks: Sequence[int] = (10, 50),
-    *,
-    largest: bool = True,
-) -> dict[str, float]:
-    """FashionIQ Recall@k for one category, as fractions: keys ``"R@10"``, ``"R@50"``.
-
-    ``scores`` [Q, G] over the category's gallery, ``target`` long [Q]. The reference is removed
-    from the ranking only when ``reference`` is given (protocols A', B, C; protocol A keeps it).
-    """
-    target = torch.as_tensor(target, dtype=torch.long)
-    _check_reference(target, reference)
-    rank = rank_of_scores(scores, target, exclude=reference, largest=largest)
-    return {f"R@{k}": v for k, v in recall_from_ranks(rank, ks).items()}
-
-
 def fashioniq_average(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Aggregate per-category FashionIQ recalls (cir.md §1.3), keeping the input's unit.
 
@@ -311,38 +251,3 @@ def fashioniq_average(per_category: Mapping[str, Mapping[str, float]]) -> dict[s
         out[f"avg/{key}"] = sum(float(m[key]) for m in per_category.values()) / len(per_category)
     out["avg"] = (out["avg/R@10"] + out["avg/R@50"]) / 2
     return out
-
-
-# ----------------------------------------------------------------------------- torchmetrics
-
-
-class RetrievalRecallMetric(Metric):
-    """Recall@k accumulated over batches and synced across DDP ranks.
-
-    ``update(ranks)`` takes the 0-based rank of each query's first positive (from
-    :func:`positive_ranks`, :func:`positive_ranks_from_embeddings` or
-    :func:`xmodal.retrieval.search.rank_of`; a miss is any rank ``>= max(ks)``). Ranks are
-    concatenated across processes (``dist_reduce_fx="cat"``) and ``compute()`` returns
-    ``{f"{prefix}{k}": fraction}``; use ``prefix="Rs@"`` for the CIRR subset.
-    """
-
-    full_state_update = False
-    higher_is_better = True
-    is_differentiable = False
-
-    def __init__(self, ks: Sequence[int] = (1, 5, 10), prefix: str = "R@", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.ks = tuple(int(k) for k in ks)
-        self.prefix = prefix
-        self.add_state("ranks", default=[], dist_reduce_fx="cat")
-
-    def update(self, ranks: Tensor) -> None:
-        """Add the ranks of one batch of queries (long [B])."""
-        self.ranks.append(torch.as_tensor(ranks, dtype=torch.long).flatten())
-
-    def compute(self) -> dict[str, Tensor]:
-        """Recall@k over every query seen (on all ranks)."""
-        ranks = dim_zero_cat(self.ranks) if self.ranks else torch.empty(0, dtype=torch.long)
-        if ranks.numel() == 0:
-            return {f"{self.prefix}{k}": torch.tensor(float("nan")) for k in self.ks}
-        return {f"{self.prefix}{k}": (ranks < k).double().mean() for k in self.ks}

@@ -17,22 +17,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from xmodal.errors import broken_file
-
-
-def digest(items: Sequence[Any]) -> str:
-    """Stable content hash of a list of strings/paths (the item list of a split)."""
-    h = hashlib.sha1()
-    for item in items:
-        h.update(str(item).encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 class EmbeddingCache:

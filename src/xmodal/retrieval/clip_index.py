@@ -17,8 +17,9 @@ built here can be served by ``clip-retrieval back``, and an index downloaded fro
 (e.g. LAION-400M: ViT-B/32 embeddings, ``image.index``, metadata parquet) opens here.
 
 Building follows ``clip-retrieval inference`` then ``clip-retrieval index``: :func:`build`
-encodes a collection (a parquet/csv of image paths + captions, webdataset tar shards, or a folder
-holding either, like the shapes world's ``pool/``) partition by partition, then
+encodes a collection (``xmodal.data.collection.read_collection``: a parquet/csv of image paths +
+captions, webdataset tar shards, or a folder holding either, like the shapes world's ``pool/``)
+partition by partition with the ``EncodeFn`` it is given, then
 :func:`index_embeddings` trains, fills and tunes a faiss index as autofaiss does
 (``xmodal.retrieval.tuning``): exact ``Flat`` for small collections, else an IVF factory chosen
 for a memory budget, its search parameters tuned for a target recall against exact search and
@@ -35,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,10 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal.data.base import DatasetLayoutError
-from xmodal.data.images import IMG_EXTENSIONS, tar_ref, wds_samples
+from xmodal.errors import DatasetLayoutError
 from xmodal.retrieval import tuning
-from xmodal.retrieval.cache import digest
 from xmodal.retrieval.search import FaissIndex
 from xmodal.retrieval.tuning import FLAT_MAX, auto_factory  # noqa: F401 (re-exported)
 
@@ -67,13 +65,6 @@ LAYOUT = """\
     <folder>/img_emb/img_emb_<p>.npy         (to build the index) float16 L2-normalised
     <folder>/xmodal_index.json               (written last by xmodal-index: the encoder used,
                                              the tuned search parameters and their recall)"""
-
-COLLECTION_LAYOUT = """\
-    <file>.parquet | <file>.csv              columns image_path (relative to the file) + caption
-    <folder>/metadata.parquet | metadata.csv (the same, e.g. the shapes world's pool/)
-    <shard>.tar, a folder of .tar shards, or 'shards/{00000..00099}.tar'
-                                             webdataset: <key>.jpg|png|webp + <key>.txt (or .json
-                                             with a "caption"), e.g. img2dataset output"""
 
 
 def index_error(folder: Path | str, problem: str, fix: str) -> DatasetLayoutError:
@@ -95,179 +86,11 @@ BUILD_FIX = (
 )
 
 # ------------------------------------------------------------------------------------------
-# Collections: what to index
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Collection:
-    """Image-text pairs to index: image references (paths or ``"<tar>::<member>"``) and a
-    metadata table (pyarrow) with at least ``image_path`` and ``caption``, row-aligned."""
-
-    source: str
-    image_refs: list[str]
-    table: Any  # pyarrow.Table
-
-    def __len__(self) -> int:
-        return len(self.image_refs)
-
-    @property
-    def captions(self) -> list[str | None]:
-        return self.table.column("caption").to_pylist()
-
-    def digest(self) -> str:
-        """Content hash of the items (images and captions): a changed collection is rebuilt."""
-        return digest([*self.image_refs, "\0captions\0", *map(str, self.captions)])
-
-
-def collection_error(source: str, problem: str) -> DatasetLayoutError:
-    return DatasetLayoutError(
-        f"X-MoRe index collection: {problem}\n  source: {source}\n"
-        f"  expected one of:\n{COLLECTION_LAYOUT}\n"
-        "  fix: point --source / evaluator.index.collection at such a file, folder or shard list."
-    )
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand webdataset brace ranges: ``"a/{00..02}.tar"`` -> ``a/00.tar, a/01.tar, a/02.tar``
-    (zero-padding follows the first bound; several ranges expand as a product)."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match is None:
-        return [pattern]
-    lo, hi = match.group(1), match.group(2)
-    out = []
-    for i in range(int(lo), int(hi) + 1):
-        out.extend(
-            expand_braces(pattern[: match.start()] + str(i).zfill(len(lo)) + pattern[match.end() :])
-        )
-    return out
-
-
-def read_collection(source: str | Path) -> Collection:
-    """Read an image-caption collection (see ``COLLECTION_LAYOUT``) without decoding images."""
-    source = str(source)
-    path = Path(source)
-    if "{" in source or source.endswith(".tar"):
-        shards = [Path(s) for s in expand_braces(source)]
-        return _read_shards(source, shards)
-    if path.is_dir():
-        for name in ("metadata.parquet", "metadata.csv"):
-            if (path / name).is_file():
-                return _read_table(source, path / name)
-        shards = sorted(path.glob("*.tar"))
-        if shards:
-            return _read_shards(source, shards)
-        raise collection_error(source, "the folder has no metadata.parquet/.csv and no .tar")
-    if path.suffix in (".parquet", ".csv") and path.is_file():
-        return _read_table(source, path)
-    raise collection_error(source, "no such file or folder, or not a .parquet/.csv/.tar")
-
-
-def _read_table(source: str, path: Path) -> Collection:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    path = path.resolve()
-    try:
-        table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise collection_error(source, f"cannot read {path}: {exc}") from None
-    missing = [c for c in ("image_path", "caption") if c not in table.column_names]
-    if missing:
-        raise collection_error(
-            source, f"{path} lacks column(s) {missing}; it has {table.column_names}"
-        )
-    refs = [str(path.parent / str(p)) for p in table.column("image_path").to_pylist()]
-    absent = [r for r in refs if not os.path.isfile(r)]
-    if absent:
-        raise collection_error(
-            source,
-            f"{len(absent)} of {len(refs)} images listed in {path} are missing, e.g. {absent[0]}",
-        )
-    table = table.set_column(
-        table.column_names.index("image_path"), "image_path", pa.array(refs, pa.string())
-    )
-    return Collection(source, refs, table)
-
-
-def _read_shards(source: str, shards: Sequence[Path]) -> Collection:
-    """One sample per webdataset key (basename up to the first dot) with an image and a caption
-    (``.txt``, or ``"caption"`` of the ``.json``); other samples are skipped and counted."""
-    import pyarrow as pa
-
-    missing = [s for s in shards if not s.is_file()]
-    if not shards or missing:
-        raise collection_error(source, f"missing tar shard(s), e.g. {missing[:1] or source}")
-    refs, keys, captions, skipped = [], [], [], 0
-    for shard in shards:
-        try:
-            samples = _shard_samples(shard)
-        except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError) as exc:
-            raise collection_error(source, f"malformed tar shard {shard}: {exc}") from None
-        for key, (image, caption) in samples.items():
-            if image is None or caption is None:
-                skipped += 1
-                continue
-            refs.append(tar_ref(shard, image))
-            keys.append(key)
-            captions.append(caption)
-    if skipped:
-        log.warning("%s: skipped %d samples without an image or a caption", source, skipped)
-    if not refs:
-        raise collection_error(source, "the shards hold no sample with an image and a caption")
-    table = pa.table({"image_path": refs, "caption": captions, "key": keys})
-    return Collection(source, refs, table)
-
-
-def _shard_samples(shard: Path) -> dict[str, tuple[str | None, str | None]]:
-    """key -> (image member, caption) of one shard, in tar order; the caption is the ``.txt``,
-    else the ``caption`` field of the ``.json`` (img2dataset's layout)."""
-    out: dict[str, tuple[str | None, str | None]] = {}
-    for key, files in wds_samples(shard).items():
-        image = next((name for ext, name in files.items() if f".{ext}" in IMG_EXTENSIONS), None)
-        caption = None
-        if "txt" in files:
-            caption = files["txt"].strip()
-        elif "json" in files:
-            caption = json.loads(files["json"]).get("caption") or None
-        out[key] = (image, caption)
-    return out
-
-
-# ------------------------------------------------------------------------------------------
 # Building: embeddings (clip-retrieval inference), then the faiss index (clip-retrieval index)
 # ------------------------------------------------------------------------------------------
 
 #: ``encode(refs or texts, kind) -> (embeddings [n, d], valid [n])`` (valid: image decoded)
 EncodeFn = Callable[[list[str], str], tuple[torch.Tensor, torch.Tensor]]
-
-
-def trainer_encode_fn(
-    trainer: Any,
-    model: torch.nn.Module,
-    preprocess: Callable,
-    tokenizer: Callable,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    on_corrupt: str = "skip",
-) -> EncodeFn:
-    """An ``EncodeFn`` that encodes through a Lightning trainer (``xmodal.retrieval.encode``):
-    DDP-sharded, images decoded with ``on_corrupt`` (``skip``: web collections have broken files,
-    their rows are dropped from the index)."""
-    from xmodal.data.images import ImageDataset
-    from xmodal.retrieval.encode import TextDataset, encode, text_collate
-
-    def encode_fn(items: list[str], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = {"batch_size": batch_size, "num_workers": num_workers}
-        if kind == "image":
-            dataset = ImageDataset(items, preprocess, on_corrupt=on_corrupt)
-            return encode(trainer, model, dataset, "image", **loader)
-        dataset = TextDataset(items)
-        return encode(trainer, model, dataset, "text", collate_fn=text_collate(tokenizer), **loader)
-
-    return encode_fn
 
 
 def _partition_name(p: int, count: int) -> str:
@@ -356,7 +179,7 @@ class IndexOptions:
 
 def build(
     folder: Path | str,
-    collection: Collection,
+    collection: Any,
     encode: EncodeFn,
     encoder: dict[str, Any],
     *,
@@ -365,7 +188,9 @@ def build(
     options: IndexOptions | None = None,
     is_writer: bool = True,
 ) -> dict[str, Any]:
-    """Encode ``collection`` into ``folder`` (clip-retrieval layout) and index it; return the info.
+    """Encode ``collection`` (:class:`xmodal.data.collection.Collection`: ``source``,
+    ``image_refs``, ``table``, ``digest()``) into ``folder`` (clip-retrieval layout) and index it;
+    return the info.
 
     ``encoder`` identifies the embeddings (backbone name + identity) and is recorded in
     ``xmodal_index.json``, which is written last: its presence (and the absence of the plan file
