@@ -340,7 +340,8 @@ def test_uclip_vs_learned_table_renders_the_shapes_runs(shapes_run, tiny_weights
 
     extra = [f"backbone.pretrained={tiny_weights}", *SMALL, "trainer.max_epochs=3"]
     mcd = ["experiment=uclip/shapes_mcd", *extra]
-    evaluate(compose("eval", mcd), mcd)
+    own_cache = [*mcd, f"paths.cache_dir={tmp_path / 'cache'}"]  # paths: same run directory
+    evaluate(compose("eval", own_cache), own_cache)
     built, written = build("uclip_vs_learned", tmp_path, extra_overrides=extra)  # xmodal-table's
     printed = written["markdown"].read_text()
     table = table_config("uclip_vs_learned")

@@ -11,28 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from xmodal.data.base import RetrievalSplit
 from xmodal.evaluators.base import EvalContext
-from xmodal.protocols.retrieval import image_text_retrieval_metrics
-
-
-def drop_invalid_images(
-    split: RetrievalSplit, image_emb: torch.Tensor, text_emb: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Remove undecodable images and their captions; returns embeddings, caption_image, #skipped."""
-    caption_image = torch.tensor(split.caption_image, dtype=torch.long)
-    if bool(valid.all()):
-        return image_emb, text_emb, caption_image, 0
-    new_index = torch.cumsum(valid.long(), 0) - 1
-    keep_text = valid[caption_image]
-    return (
-        image_emb[valid],
-        text_emb[keep_text],
-        new_index[caption_image[keep_text]],
-        int((~valid).sum()),
-    )
+from xmodal.protocols.retrieval import drop_invalid_images, image_text_retrieval_metrics
 
 
 class RetrievalEvaluator:

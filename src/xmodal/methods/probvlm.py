@@ -11,7 +11,7 @@ distribution (intra-modal, eq 3) and of the paired other modality's embedding (c
 Uncertainty: the aleatoric variance alpha^2 Gamma(3/beta) / Gamma(1/beta), the epistemic variance of
 z_hat over dropout passes and their sum (eq 9), each averaged over dimensions per query; the
 confidence is its negative. The encoders stay frozen, so every split is encoded once through the
-embedding cache under the keys the evaluators use (``xmodal.evaluators.base.embedding_key``) and
+embedding cache under the keys the evaluators use (``xmodal.protocols.retrieval.embedding_key``) and
 an epoch is an MLP pass. The test reports, per direction (t2i: caption queries, i2t: image
 queries), uCLIP's protocol under uCLIP's keys (:func:`xmodal.metrics.calibration.
 calibration_report`): S / R² / −S·R² over the R@1 of confidence bins, AUROC, AURC, rejection
@@ -266,9 +266,7 @@ def _single_device(trainer_cfg: DictConfig) -> None:
 
 def _encoding_trainer(trainer_cfg: DictConfig) -> pl.Trainer:
     """A one-device inference trainer for the frozen encoders (the run's accelerator and
-    precision, as the evaluators encode with)."""
-    from xmodal.callbacks import PlainProgress
-
+    precision, as the evaluators encode with); :func:`encode_splits` logs a line per split."""
     return pl.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=1,
@@ -278,7 +276,6 @@ def _encoding_trainer(trainer_cfg: DictConfig) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[PlainProgress()],
     )
 
 
@@ -313,7 +310,7 @@ def encode_splits(
     train_fraction: float = 1.0,
 ) -> tuple[dict[str, EmbeddedSplit], float | None]:
     """Frozen embeddings of every split in ``roles`` (role -> (data config, split name)), through
-    the embedding cache under :func:`xmodal.evaluators.base.embedding_key`, the keys the
+    the embedding cache under :func:`xmodal.protocols.retrieval.embedding_key`, the keys the
     evaluators use: a warm cache encodes nothing (the backbone is built for its identity and
     transform, and to read its logit scale). ``train_fraction`` < 1 keeps that share of the
     ``train`` role's images (by ``cfg.seed``). Returns the splits and exp(logit_scale) (or
@@ -321,8 +318,7 @@ def encode_splits(
     from xmodal import backbones
     from xmodal.data.datamodule import load_split
     from xmodal.data.images import ImageDataset
-    from xmodal.evaluators.base import embedding_key
-    from xmodal.evaluators.retrieval import drop_invalid_images
+    from xmodal.protocols.retrieval import drop_invalid_images, embedding_key
     from xmodal.retrieval.cache import EmbeddingCache
     from xmodal.retrieval.encode import TextDataset, encode_cached, text_collate
 
@@ -580,8 +576,8 @@ class ProbVLM(pl.LightningModule):
         return {k: torch.cat([r[k] for r in rows]).cpu()[order] for k in rows[0] if k != "idx"}
 
     def on_test_epoch_end(self) -> None:
-        from xmodal.evaluators.uclip import Posterior
-        from xmodal.metrics.calibration import calibration_report, write_calibration_outputs
+        from xmodal.metrics.calibration import calibration_report
+        from xmodal.protocols.uclip import Posterior, write_calibration_outputs
 
         if not self._test:
             return

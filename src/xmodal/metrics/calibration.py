@@ -36,8 +36,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -344,47 +342,6 @@ def calibration_report(
             metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
             curves["methods"][method][d] = curve
     return metrics, curves
-
-
-def write_calibration_outputs(
-    run_dir: Path | str, curves: Mapping[str, Any], ks: Sequence[int]
-) -> None:
-    """``curves.json`` (from :func:`calibration_report`) plus ``calibration.png`` (R@1 per
-    uncertainty level, one line per method) and ``rejection.png`` (R@k after removing the least
-    confident queries, beside the oracle's upper bound) in ``run_dir``."""
-    import json
-
-    from matplotlib.figure import Figure
-
-    from xmodal.runs import atomic_write_text
-
-    run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "curves.json", json.dumps(curves, indent=1) + "\n")
-    titles = {"t2i": "text-to-image (caption queries)", "i2t": "image-to-text (image queries)"}
-    fig = Figure(figsize=(12, 4), layout="tight")
-    for ax, d in zip(fig.subplots(1, 2), ("i2t", "t2i")):
-        for method, per_dir in curves["methods"].items():
-            recall = [b[3] for b in per_dir[d]["bins"]][::-1]  # most uncertain bin first
-            s = calibration_scores(per_dir[d]["bins"])["S"]
-            ax.plot(range(1, len(recall) + 1), recall, marker="o", label=f"{method} (S={s:.2f})")
-        ax.set(title=titles[d], xlabel="uncertainty level (bin)", ylabel="R@1")
-        ax.legend(fontsize="small", loc="upper right")
-    fig.savefig(run_dir / "calibration.png", dpi=100)
-    fig = Figure(figsize=(15, 8), layout="tight")
-    axes = fig.subplots(2, len(ks), squeeze=False)
-    for row, d in zip(axes, ("t2i", "i2t")):
-        for ax, k in zip(row, ks):
-            key = f"R@{k}"
-            lines = [(m, per_dir[d]["rejection"][key]) for m, per_dir in curves["methods"].items()]
-            if d in curves.get("oracle", {}):
-                lines.append(("upper bound (oracle)", curves["oracle"][d][key]))
-            for label, (removed, recall) in lines:
-                area = rejection_area(torch.tensor(removed), torch.tensor(recall))
-                style = {"color": "black", "linestyle": "--"} if "oracle" in label else {}
-                ax.plot(removed, recall, label=f"{label} ({area:.2f})", **style)
-            ax.set(title=f"{titles[d]} {key}", xlabel="queries removed", ylabel=key)
-            ax.legend(fontsize="small", loc="upper left")
-    fig.savefig(run_dir / "rejection.png", dpi=100)
 
 
 def uncertainty_calibration(
