@@ -69,9 +69,13 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
     non-empty bin in order of increasing confidence. Confidences are compared in float32, as the
     official code does. The ``num_bins`` bins span the finite confidences; -inf and +inf each get
     a bin of their own below / above them, ``(-inf, -inf, -inf, recall)`` and
-    ``(inf, inf, inf, recall)``.
+    ``(inf, inf, inf, recall)``. Float ``hits`` are a score per query (e.g. its ECCV Caption
+    R-Precision): a bin's "recall" is then their mean.
     """
+    scores = torch.as_tensor(hits).detach().flatten().cpu()
     confidence, hits = _check(confidence, hits)
+    if scores.is_floating_point():  # a score per query, not a hit
+        hits = scores.double()
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
     conf = confidence.float()
