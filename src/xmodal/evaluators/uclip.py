@@ -31,6 +31,12 @@ areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percen
 and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
 them in query-index order, the released code's sort made deterministic). It writes
 ``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
+
+On the COCO 5k test with ``data.extended_positives`` set, S̄'s ranking also gives the
+extended-positive protocols (:mod:`xmodal.protocols.extended`: COCO 1k/5k, CxC, ECCV Caption,
+PMRP) under ``test/<protocol>/<dir>/...``, and every method is calibrated a second time against
+each query's ECCV Caption R-Precision instead of its top-1 correctness (the PCME++ target),
+over the queries ECCV Caption lists: ``.../<dir>/eccv_R-P/{S,R2,-SR2,num_bins}``, same bins.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +69,10 @@ from xmodal.metrics.calibration import (
 )
 from xmodal.metrics.retrieval import positive_ranks
 from xmodal.retrieval.search import order_candidates, rank_of_scores, topk, topk_scores
+
+if TYPE_CHECKING:
+    from xmodal.data.extended import ExtendedPositives
+    from xmodal.protocols.extended import ExtendedResult
 
 METHODS = (
     "top1_similarity",
@@ -107,6 +117,12 @@ class Scan:
     image_top: Tensor | None = None
     text_ranks: Tensor | None = None
     image_ranks: Tensor | None = None
+
+
+def mean_cosine(queries: Tensor, gallery: Tensor) -> Tensor:
+    """S̄ of a block: ``queries`` [q, N, D] and ``gallery`` [g, N, D] normalised samples ->
+    mean over the N samples of their cosines, [q, g] (a ``score_fn`` of the chunked search)."""
+    return torch.bmm(queries.transpose(0, 1), gallery.permute(1, 2, 0)).mean(0)
 
 
 def _merge_top(
@@ -735,14 +751,26 @@ class UCLIPEvaluator:
         scalars.update({f"rejection/{key}": area for key, area in areas.items()})
         return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
 
+    def eccv_calibration(
+        self, conf: Tensor, rprecision: Tensor
+    ) -> tuple[dict[str, float], list[list[float]]]:
+        """S / R² / −S·R² of one direction with each query's ECCV Caption R-Precision as the
+        target (NaN = a query ECCV Caption does not list, left out): (scalars, bins)."""
+        listed = ~rprecision.isnan()
+        bins = confidence_bins(conf[listed], rprecision[listed], self.num_bins)
+        scalars: dict[str, Any] = dict(calibration_scores(bins))
+        scalars["num_bins"] = len(bins)
+        return scalars, [list(b) for b in bins]
+
     def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Posterior samples of the split (cached), then every metric; plots on rank 0."""
         from xmodal.data.base import RetrievalSplit
         from xmodal.evaluators.base import dataset_split
-        from xmodal.evaluators.retrieval import drop_invalid_images
+        from xmodal.evaluators.retrieval import drop_invalid_images, extended_positives, kept_ids
 
         what = "an image-text dataset (coco, flickr30k)"
         split = dataset_split(ctx, RetrievalSplit, "uclip", what)
+        gt = extended_positives(ctx.cfg.data, split)  # before encoding: a bad folder stops early
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         text, image, valid = self.posterior_samples(ctx, split)
         if not ctx.is_rank_zero:
@@ -759,14 +787,45 @@ class UCLIPEvaluator:
             block_size=self.block_size,
         )
         del text, image
-        metrics, curves = self.score(posterior)
+        extended = None
+        if gt is not None:
+            extended = self.extended(posterior, *kept_ids(split, valid), gt)
+        metrics, curves = self.score(posterior, extended)
         metrics["test/skipped_images"] = skipped
         if self.plots:
             self.write_outputs(ctx.run_dir, curves)
         return metrics
 
-    def score(self, posterior: Posterior) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Every metric of the run from its posterior samples: (metrics.json entries, curves)."""
+    def extended(
+        self,
+        posterior: Posterior,
+        image_ids: Sequence[int],
+        caption_ids: Sequence[int],
+        gt: ExtendedPositives,
+    ) -> ExtendedResult:
+        """The extended-positive protocols on S̄'s ranking (one chunked search per direction,
+        ``block_size`` scores of the N samples at a time)."""
+        from xmodal.protocols.extended import coco_extended_metrics
+
+        texts, images = posterior.text.transpose(0, 1), posterior.image.transpose(0, 1)
+        gallery = max(texts.shape[0], images.shape[0])
+        return coco_extended_metrics(
+            images,
+            texts,
+            image_ids,
+            caption_ids,
+            gt,
+            self.ks,
+            chunk_size=max(1, self.block_size // (posterior.num_samples * gallery)),
+            gallery_chunk_size=gallery,
+            score_fn=mean_cosine,
+        )
+
+    def score(
+        self, posterior: Posterior, extended: ExtendedResult | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every metric of the run from its posterior samples: (metrics.json entries, curves);
+        ``extended``: the extended-positive results of :meth:`extended`, when there are any."""
         sample_k = max(
             [1 if m == "top1_consistency" else 0 for m in self.methods]
             + [self.options["top_k"] if m == "top5_consistency" else 0 for m in self.methods]
@@ -790,7 +849,14 @@ class UCLIPEvaluator:
                     conf.cpu(), ranks[d], self.steps[d], method in PROBABILITY_METHODS
                 )
                 metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
+                if extended is not None:
+                    scalars, curve["eccv_bins"] = self.eccv_calibration(
+                        conf.cpu(), extended.eccv_rprecision[d]
+                    )
+                    metrics.update({f"{prefix}/{d}/eccv_R-P/{k}": v for k, v in scalars.items()})
                 curves["methods"][method][d] = curve
+        if extended is not None:
+            metrics.update({f"test/{k}": v for k, v in extended.metrics.items()})
         metrics.update(
             {
                 "test/num_samples": posterior.num_samples,
