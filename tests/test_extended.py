@@ -75,17 +75,17 @@ def eccv_reference(
 
 
 def restricted(full: ExtendedPositives, n_images: int) -> tuple[dict, list[int]]:
-    """The bundled ground truth cut to its first ``n_images`` images (5 captions each)."""
+    """The bundled ground truth's queries among its first ``n_images`` images (5 captions each);
+    their lists keep positives outside them, which count in R but can never be retrieved (as
+    ECCV Caption's 2 captions outside the 25,000)."""
     captions = full.caption_order[: 5 * n_images]
     cset = set(captions)
-    images = set(full.sets["coco"]["t2i"][c][0] for c in captions)
+    images = {full.sets["coco"]["t2i"][c][0] for c in captions}
 
     def cut(s: dict) -> dict:
-        i2t = {i: [c for c in v if c in cset] for i, v in s["i2t"].items() if i in images}
-        t2i = {c: [i for i in v if i in images] for c, v in s["t2i"].items() if c in cset}
         return {
-            "i2t": {k: v for k, v in i2t.items() if v},
-            "t2i": {k: v for k, v in t2i.items() if v},
+            "i2t": {i: v for i, v in s["i2t"].items() if i in images},
+            "t2i": {c: v for c, v in s["t2i"].items() if c in cset},
         }
 
     return {name: cut(s) for name, s in full.sets.items()}, captions
@@ -118,10 +118,13 @@ def test_agrees_with_eccv_caption_on_its_own_ids(bundled, seed):
     rng = np.random.default_rng(seed)
     sets, order = restricted(bundled, 300)
     images = sorted(sets["coco"]["i2t"])
+    outside = bundled.caption_order[-10:]  # plausible matches the split lacks count in R too
     sets["pm"] = {
-        "i2t": {i: sorted(rng.choice(order, 30, replace=False).tolist()) for i in images},
+        "i2t": {i: rng.choice(order, 30, replace=False).tolist() + outside[:2] for i in images},
         "t2i": {c: sorted(rng.choice(images, 6, replace=False).tolist()) for c in order},
     }
+    unretrievable = sum(c not in set(order) for v in sets["cxc"]["i2t"].values() for c in v)
+    assert unretrievable > 0  # CxC positives of images outside the 300
     gt = ExtendedPositives("test", sets, order)
     image_ids = [int(i) for i in rng.permutation(images)]
     caption_ids = [int(c) for c in rng.permutation(order + [10**9 + i for i in range(7)])]

@@ -131,6 +131,7 @@ def ranked_positives_from_embeddings(
     positives: Mapping[str, Tensor],
     depth: int,
     *,
+    num_positives: Mapping[str, Tensor] | None = None,
     keep: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     gallery_chunk_size: int = DEFAULT_GALLERY_CHUNK_SIZE,
@@ -144,6 +145,9 @@ def ranked_positives_from_embeddings(
         positives: set name -> long [P, 2] (query index, gallery index) pairs.
         depth: ranks searched for R@K (the largest K); raised to the largest R of any set, so
             AP@R and R-Precision are exact.
+        num_positives: set name -> long [Q], R when a query has positives that are not in the
+            gallery (a ground truth listing items the split lacks: they count in R, as in
+            eccv_caption, and are never retrieved); default: the query's number of pairs.
         keep: bool [G]; items outside it are left out of every ranking (as if absent from the
             gallery) and must not be positives. The search goes ``#left out`` deeper instead.
         chunk_size, gallery_chunk_size, score_fn: as :func:`xmodal.retrieval.search.topk`;
@@ -160,9 +164,17 @@ def ranked_positives_from_embeddings(
         raise ValueError(f"keep must be bool [{num_g}], got shape {tuple(keep.shape)}")
     kept = int(keep.sum())
     sets = {name: _pair_keys(p, num_q, num_g) for name, p in positives.items()}
-    for name, (keys, _) in sets.items():
+    for name, (keys, counts) in sets.items():
         if keys.numel() and not bool(keep[keys % num_g].all()):
             raise ValueError(f"positive set {name!r} has items outside `keep`")
+        if num_positives is not None and name in num_positives:
+            given = torch.as_tensor(num_positives[name], dtype=torch.long).cpu()
+            if given.shape != (num_q,) or bool((given < counts).any()):
+                raise ValueError(
+                    f"num_positives[{name!r}] must be long [{num_q}], at least each query's "
+                    "number of positive pairs"
+                )
+            sets[name] = (keys, given)
     most = max([int(c.max()) for _, c in sets.values() if c.numel()] + [int(depth)])
     depth = max(1, min(most, kept))
     search = min(num_g, depth + num_g - kept)  # deep enough to hold `depth` kept items

@@ -14,10 +14,12 @@ Definitions (those of ``eccv_caption.Metrics``, checked against it in ``tests/te
   caption ids (``coco_test_ids.npy``: 5 per image). The Karpathy test's other captions (25,010 -
   25,000: a few images have 6 or 7) take no part in these numbers; the CLIP_benchmark keys
   ``test/<dir>/R@k`` keep them.
-- A query counts when the ground truth lists it with at least one positive among the evaluated
-  items (eccv_caption evaluates the queries its files list; ECCV Caption lists 1,332 captions
-  and 1,261 images); R@K is the fraction whose first positive ranks < K; R for mAP@R and
-  R-Precision is the query's number of positives.
+- A query counts when the ground truth lists it with at least one positive (eccv_caption
+  evaluates the queries its files list; ECCV Caption lists 1,332 captions and 1,261 images); R@K
+  is the fraction whose first positive ranks < K; R for mAP@R and R-Precision is the query's
+  number of listed positives, including any the evaluated items lack (ECCV Caption lists 2
+  captions outside the 25,000 for 2 image queries: they lower those queries' precision, as in
+  eccv_caption).
 - COCO 1k: the caption ids in fold order cut in 5 blocks; fold f ranks its captions and their
   images only, queries are its items, and R@K is averaged over the 5 folds.
 - Rankings use xmodal's tie rule (equal scores to the lower index of the loaded split).
@@ -80,15 +82,23 @@ class _Index:
 
 def _pairs(
     gts: dict[int, list[int]], queries: _Index, gallery: _Index, q_ok: Tensor, g_ok: Tensor
-) -> Tensor:
-    """(query position, gallery position) pairs of a ground truth among the evaluated items."""
+) -> tuple[Tensor, Tensor]:
+    """(query position, gallery position) pairs of a ground truth among the evaluated items, and
+    R per loaded query: the number of distinct positives the ground truth lists for it (those
+    not evaluated count too, as in eccv_caption), 0 for a query it does not list."""
+    gts = {q: sorted(set(ids)) for q, ids in gts.items()}
     lengths = np.fromiter(map(len, gts.values()), dtype=np.int64, count=len(gts))
-    q_ids = np.repeat(np.fromiter(gts.keys(), dtype=np.int64, count=len(gts)), lengths)
+    listed = np.fromiter(gts.keys(), dtype=np.int64, count=len(gts))
+    q_ids = np.repeat(listed, lengths)
     g_ids = np.fromiter(itertools.chain.from_iterable(gts.values()), np.int64, int(lengths.sum()))
     pairs = torch.from_numpy(np.stack([queries.positions(q_ids), gallery.positions(g_ids)], 1))
     ok = (pairs >= 0).all(1)
     ok[ok.clone()] = q_ok[pairs[ok, 0]] & g_ok[pairs[ok, 1]]
-    return pairs[ok]
+    num = torch.zeros(len(q_ok), dtype=torch.long)
+    at = torch.from_numpy(queries.positions(listed))
+    found = at >= 0
+    num[at[found]] = torch.from_numpy(lengths)[found]
+    return pairs[ok], num * q_ok
 
 
 def _mean(values: Tensor) -> float:
@@ -141,15 +151,16 @@ def coco_extended_metrics(
     counted_5k: dict[str, Tensor] = {}
     for d in DIRECTIONS:
         q, g = modality[d]
-        pairs = {
+        found = {
             name: _pairs(sets[d], index[q], index[g], keep[q], keep[g])
             for name, sets in gt.sets.items()
         }
         ranked = ranked_positives_from_embeddings(
             items[q],
             items[g],
-            pairs,
+            {name: pairs for name, (pairs, _) in found.items()},
             max(ks),
+            num_positives={name: num for name, (_, num) in found.items()},
             keep=keep[g],
             chunk_size=chunk_size,
             gallery_chunk_size=gallery_chunk_size,
@@ -204,7 +215,7 @@ def _coco_1k(
             if not len(pos[q]) or not len(pos[g]):
                 continue
             every = torch.ones(len(pos[q]), dtype=torch.bool)
-            pairs = _pairs(
+            pairs, _ = _pairs(
                 gt.sets["coco"][d], sub[q], sub[g], every, torch.ones(len(pos[g]), dtype=bool)
             )
             res = ranked_positives_from_embeddings(
