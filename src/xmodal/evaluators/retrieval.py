@@ -12,6 +12,7 @@ PMRP) under ``test/<protocol>/<dir>/...``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,17 @@ from xmodal.protocols.retrieval import image_text_retrieval_metrics
 if TYPE_CHECKING:
     from xmodal.data.extended import ExtendedPositives
 
+log = logging.getLogger("xmodal")
+
 
 def extended_positives(data_cfg: Any, split: RetrievalSplit) -> ExtendedPositives | None:
     """The split's extended-positive ground truth (``data.extended_positives``), or None when
     it is off or the split carries no COCO ids (only the test split is given them)."""
     folder = data_cfg.get("extended_positives")
-    if not folder or split.caption_ids is None or split.image_ids is None:
+    if not folder:
+        return None
+    if split.caption_ids is None or split.image_ids is None:
+        log.info("extended positives skipped: only the COCO test split carries COCO ids")
         return None
     from xmodal.data import extended
 

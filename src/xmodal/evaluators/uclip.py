@@ -757,6 +757,8 @@ class UCLIPEvaluator:
         """S / R² / −S·R² of one direction with each query's ECCV Caption R-Precision as the
         target (NaN = a query ECCV Caption does not list, left out): (scalars, bins)."""
         listed = ~rprecision.isnan()
+        if not listed.any():  # every query ECCV Caption lists was dropped (data.on_corrupt=skip)
+            return {"S": math.nan, "R2": math.nan, "-SR2": math.nan, "num_bins": 0}, []
         bins = confidence_bins(conf[listed], rprecision[listed], self.num_bins)
         scalars: dict[str, Any] = dict(calibration_scores(bins))
         scalars["num_bins"] = len(bins)
