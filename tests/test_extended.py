@@ -389,3 +389,19 @@ def test_shapes_retrieval_run_reports_the_extended_keys(xmodal_env, shapes_world
         for key in ("eccv/{d}/mAP@R", "eccv/{d}/R-P", "pm/{d}/R-P"):
             assert 0 <= metrics["test/" + key.format(d=d)] <= 100
     assert metrics["test/eccv/i2t/num_queries"] == 15 and metrics["test/eccv/t2i/num_queries"] == 75
+
+
+def test_ids_of_dropped_images_and_their_captions_are_dropped_too():
+    from omegaconf import OmegaConf
+
+    from xmodal.data.base import RetrievalSplit
+    from xmodal.evaluators.retrieval import extended_positives, kept_ids
+
+    split = RetrievalSplit("x", [Path("a"), Path("b"), Path("c")], list("pqrst"), [0, 0, 1, 2, 2])
+    split.image_ids, split.caption_ids = [7, 8, 9], [70, 71, 80, 90, 91]
+    assert kept_ids(split, torch.tensor([True, False, True])) == ([7, 9], [70, 71, 90, 91])
+    cfg = OmegaConf.create({"extended_positives": None})
+    assert extended_positives(cfg, split) is None  # off
+    cfg = OmegaConf.create({"extended_positives": "eccv_caption", "plausible_matches": None})
+    split.caption_ids = None
+    assert extended_positives(cfg, split) is None  # a split without COCO ids (not the test)
