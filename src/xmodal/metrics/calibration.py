@@ -67,7 +67,10 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
 
     ``confidence`` float [Q], ``hits`` bool [Q]. Returns ``(lo, hi, mean confidence, recall)`` per
     non-empty bin in order of increasing confidence. Confidences are compared in float32, as the
-    official code does. The ``num_bins`` bins span the finite confidences; -inf and +inf each get
+    official code does, except float16 ones, compared in float16 against edges rounded to float16
+    (the official comparison of a float16 confidence tensor with a Python float edge, e.g. under
+    uCLIP's ``arithmetic=fp16_official``). The ``num_bins`` bins span the finite confidences;
+    -inf and +inf each get
     a bin of their own below / above them, ``(-inf, -inf, -inf, recall)`` and
     ``(inf, inf, inf, recall)``. Float ``hits`` are a score per query (e.g. its ECCV Caption
     R-Precision): a bin's "recall" is then their mean.
@@ -78,7 +81,7 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
         hits = scores.double()
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    conf = confidence.float()
+    conf = confidence if confidence.dtype == torch.float16 else confidence.float()
     finite = torch.isfinite(conf)
 
     def infinite_bin(value: float) -> list[Bin]:
@@ -91,6 +94,7 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
         edges = torch.linspace(low, high, steps=num_bins + 1)
         for i in range(num_bins):
             lo, hi = edges[i].item(), edges[i + 1].item()
+            # a Python float edge: torch compares it in conf's dtype (float16 rounds it)
             upper = conf < hi if i < num_bins - 1 else conf <= hi
             inside = (conf >= lo) & upper  # never an infinite value: one side compares False
             if bool(inside.any()):
