@@ -9,6 +9,8 @@ from xmodal.metrics.calibration import confidence_aurc as confidence_aurc
 from xmodal.metrics.calibration import confidence_auroc as confidence_auroc
 from xmodal.metrics.calibration import confidence_bins as confidence_bins
 from xmodal.metrics.calibration import confidence_ece as confidence_ece
+from xmodal.metrics.calibration import equal_count_bins as equal_count_bins
+from xmodal.metrics.calibration import pearson_calibration as pearson_calibration
 from xmodal.metrics.calibration import rejection_area as rejection_area
 from xmodal.metrics.calibration import rejection_curve as rejection_curve
 from xmodal.metrics.calibration import uncertainty_calibration as uncertainty_calibration
