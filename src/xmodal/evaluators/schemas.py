@@ -53,6 +53,7 @@ class UCLIPConfig:
     dropout: float = 0.2
     members: list[EnsembleMember] = field(default_factory=list)
     variant: str = "corrected"
+    arithmetic: str = "fp32"
     step_size: float = 0.025
     max_iter: int = 50
     eps: float = 1e-8

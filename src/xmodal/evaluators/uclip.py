@@ -21,6 +21,10 @@ NaN. The oracle confidence 1/rank of the first positive (inf for a correct top-1
 rejection upper bound. All of it is vectorised over queries and streams over blocks of the score
 matrices: peak memory is the samples plus one block of ``block_size`` scores, never N matrices.
 
+``arithmetic=fp16_official`` reproduces the released code's float16 arithmetic (fp16 embeddings,
+scores, means and adversarial gradients) on any device, by rounding to float16 after each of
+those operations; the default ``fp32`` computes in float32 (docs/uclip.md lists the differences).
+
 The evaluator encodes the posterior samples through the embedding cache (an MC-dropout pass is
 keyed by its index and seed), so a sweep over methods encodes once, then reports for ``method``
 (and every method in ``compare``, under ``test/<method>/...``), per direction (``t2i``: caption
@@ -31,6 +35,12 @@ areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percen
 and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
 them in query-index order, the released code's sort made deterministic). It writes
 ``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
+
+On the COCO 5k test with ``data.extended_positives`` set, S̄'s ranking also gives the
+extended-positive protocols (:mod:`xmodal.protocols.extended`: COCO 1k/5k, CxC, ECCV Caption,
+PMRP) under ``test/<protocol>/<dir>/...``, and every method is calibrated a second time against
+each query's ECCV Caption R-Precision instead of its top-1 correctness (the PCME++ target),
+over the queries ECCV Caption lists: ``.../<dir>/eccv_R-P/{S,R2,-SR2,num_bins}``, same bins.
 """
 
 from __future__ import annotations
@@ -38,27 +48,42 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from xmodal.errors import check_choice
 from xmodal.evaluators.schemas import EnsembleMember
-from xmodal.metrics.calibration import TIES, calibration_report
+from xmodal.metrics.calibration import (
+    DIRECTIONS,
+    TIES,
+    calibration_report,
+    calibration_scores,
+    confidence_bins,
+)
 from xmodal.protocols.uclip import (  # noqa: F401 - re-exported: the evaluator's public maths
+    ARITHMETICS,
     DEFAULT_BLOCK_SIZE,
+    FP16_CONFIDENCES,
     METHODS,
     OPTIONS,
     PROBABILITY_METHODS,
     Posterior,
     Scan,
     confidence,
+    fp16_round,
+    mean_cosine,
     oracle_confidence,
     write_calibration_outputs,
 )
+
+if TYPE_CHECKING:
+    from xmodal.data.extended import ExtendedPositives
+    from xmodal.protocols.extended import ExtendedResult
 
 SAMPLERS = ("mcd", "ensemble", "single")
 VARIANTS = ("corrected", "official")
@@ -142,6 +167,7 @@ class UCLIPEvaluator:
         dropout: float = 0.2,
         members: Sequence[Any] = (),
         variant: str = "corrected",
+        arithmetic: str = "fp32",
         step_size: float = 0.025,
         max_iter: int = 50,
         eps: float = 1e-8,
@@ -161,6 +187,8 @@ class UCLIPEvaluator:
             check_choice(f"evaluator.{key}", value, METHODS)
         check_choice("evaluator.sampler", sampler, SAMPLERS)
         check_choice("evaluator.variant", variant, VARIANTS)
+        check_choice("evaluator.arithmetic", arithmetic, ARITHMETICS)
+        self.arithmetic = arithmetic
         check_choice("evaluator.ties", ties, TIES)
         self.ties = ties
         self.methods = [method] + [m for m in dict.fromkeys(compare) if m != method]
@@ -337,14 +365,28 @@ class UCLIPEvaluator:
 
     # -- metrics ---------------------------------------------------------------------------------
 
+    def eccv_calibration(
+        self, conf: Tensor, rprecision: Tensor
+    ) -> tuple[dict[str, float], list[list[float]]]:
+        """S / R² / −S·R² of one direction with each query's ECCV Caption R-Precision as the
+        target (NaN = a query ECCV Caption does not list, left out): (scalars, bins)."""
+        listed = ~rprecision.isnan()
+        if not listed.any():  # every query ECCV Caption lists was dropped (data.on_corrupt=skip)
+            return {"S": math.nan, "R2": math.nan, "-SR2": math.nan, "num_bins": 0}, []
+        bins = confidence_bins(conf[listed], rprecision[listed], self.num_bins)
+        scalars: dict[str, Any] = dict(calibration_scores(bins))
+        scalars["num_bins"] = len(bins)
+        return scalars, [list(b) for b in bins]
+
     def evaluate(self, ctx: Any) -> dict[str, Any]:
         """Posterior samples of the split (cached), then every metric; plots on rank 0."""
         from xmodal.data.base import RetrievalSplit
         from xmodal.evaluators.base import dataset_split
-        from xmodal.evaluators.retrieval import drop_invalid_images
+        from xmodal.evaluators.retrieval import drop_invalid_images, extended_positives, kept_ids
 
         what = "an image-text dataset (coco, flickr30k)"
         split = dataset_split(ctx, RetrievalSplit, "uclip", what)
+        gt = extended_positives(ctx.cfg.data, split)  # before encoding: a bad folder stops early
         ctx.cache.enabled = ctx.cache.enabled and self.use_cache
         text, image, valid = self.posterior_samples(ctx, split)
         if not ctx.is_rank_zero:
@@ -359,24 +401,57 @@ class UCLIPEvaluator:
             caption_image,
             depth=max(self.ks),
             block_size=self.block_size,
+            arithmetic=self.arithmetic,
         )
         del text, image
-        metrics, curves = self.score(posterior)
+        extended = None
+        if gt is not None:
+            extended = self.extended(posterior, *kept_ids(split, valid), gt)
+        metrics, curves = self.score(posterior, extended)
         metrics["test/skipped_images"] = skipped
         if self.plots:
             self.write_outputs(ctx.run_dir, curves)
         return metrics
 
-    def score(self, posterior: Posterior) -> tuple[dict[str, Any], dict[str, Any]]:
+    def extended(
+        self,
+        posterior: Posterior,
+        image_ids: Sequence[int],
+        caption_ids: Sequence[int],
+        gt: ExtendedPositives,
+    ) -> ExtendedResult:
+        """The extended-positive protocols on S̄'s ranking (one chunked search per direction,
+        ``block_size`` scores of the N samples at a time)."""
+        from xmodal.protocols.extended import coco_extended_metrics
+
+        texts, images = posterior.text.transpose(0, 1), posterior.image.transpose(0, 1)
+        gallery = max(texts.shape[0], images.shape[0])
+        return coco_extended_metrics(
+            images,
+            texts,
+            image_ids,
+            caption_ids,
+            gt,
+            self.ks,
+            chunk_size=max(1, self.block_size // (posterior.num_samples * gallery)),
+            gallery_chunk_size=gallery,
+            score_fn=posterior.mean_scores,
+        )
+
+    def score(
+        self, posterior: Posterior, extended: ExtendedResult | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every metric of the run from its posterior samples: (metrics.json entries, curves),
-        by :func:`xmodal.metrics.calibration.calibration_report` (the keys of the module doc)."""
+        by :func:`xmodal.metrics.calibration.calibration_report` (the keys of the module doc);
+        ``extended``: the extended-positive results of :meth:`extended`, when there are any."""
         sample_k = max(
             [1 if m == "top1_consistency" else 0 for m in self.methods]
             + [self.options["top_k"] if m == "top5_consistency" else 0 for m in self.methods]
         )
         posterior.scan(sample_k)  # one pass serves the recalls and every method
+        confidences = {m: posterior.confidence(m, **self.options) for m in self.methods}
         metrics, curves = calibration_report(
-            {m: posterior.confidence(m, **self.options) for m in self.methods},
+            confidences,
             posterior.ranks(),
             steps=self.steps,
             ks=self.ks,
@@ -386,6 +461,15 @@ class UCLIPEvaluator:
             probability=PROBABILITY_METHODS,
             ece_bins=self.ece_bins,
         )
+        if extended is not None:
+            for method in self.methods:
+                prefix = "test" if method == self.methods[0] else f"test/{method}"
+                for d, conf in zip(DIRECTIONS, confidences[method]):
+                    scalars, curves["methods"][method][d]["eccv_bins"] = self.eccv_calibration(
+                        conf.cpu(), extended.eccv_rprecision[d]
+                    )
+                    metrics.update({f"{prefix}/{d}/eccv_R-P/{k}": v for k, v in scalars.items()})
+            metrics.update({f"test/{k}": v for k, v in extended.metrics.items()})
         metrics.update(
             {
                 "test/num_samples": posterior.num_samples,

@@ -6,7 +6,8 @@ use their mean S̄, streamed over blocks (never N matrices, nor one full matrix,
 confidences of uCLIP (``Posterior.confidence``; see ``xmodal.evaluators.uclip``) and the plots and
 ``curves.json`` of a calibration report (:func:`write_calibration_outputs`). ``method=probvlm``
 ranks with one deterministic sample (its frozen CLIP) through the same ``Posterior``, so its R@K,
-ranks and oracle are uCLIP's single-model ones.
+ranks and oracle are uCLIP's single-model ones. ``arithmetic="fp16_official"`` reproduces the
+released code's float16 arithmetic (:data:`ARITHMETICS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xmodal.errors import check_choice
 from xmodal.evaluators.schemas import UCLIP_BLOCK_SIZE
 from xmodal.metrics.calibration import calibration_scores, rejection_area
 from xmodal.metrics.retrieval import positive_ranks
@@ -37,6 +39,13 @@ METHODS = (
 #: the fraction of posterior samples agreeing on it. A cosine (top1_similarity), a mean Jaccard
 #: (top5_consistency) or tanh of a distance (adversarial*) lies in [0, 1] without being one.
 PROBABILITY_METHODS = ("top1_consistency",)
+#: ``fp32``: every score, mean and gradient in float32 (the default). ``fp16_official``: the
+#: released code's arithmetic (its embeddings stay float16 and all its maths runs in float16 on the
+#: GPU), emulated on any device by rounding to float16 after each operation it does in float16.
+ARITHMETICS = ("fp32", "fp16_official")
+#: The methods whose official confidences are float16 tensors under ``fp16_official`` (the
+#: consistency ones are Python fractions, float32 either way).
+FP16_CONFIDENCES = ("top1_similarity", "adversarial", "adversarial_linear")
 
 DEFAULT_BLOCK_SIZE = UCLIP_BLOCK_SIZE  # scores per block (64 MB in float32)
 OPTIONS = {"step_size": 0.025, "max_iter": 50, "eps": 1e-8, "top_k": 5}
@@ -65,6 +74,35 @@ class Scan:
     image_top: Tensor | None = None
     text_ranks: Tensor | None = None
     image_ranks: Tensor | None = None
+
+
+def fp16_round(x: Tensor) -> Tensor:
+    """``x`` rounded to the nearest float16 and returned as float32: the result of one float16
+    operation of the official code (which computes in float32 inside the op and rounds its output,
+    as CUDA and CPU half kernels do), reproduced on any device."""
+    return x.half().float()
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _normalize(x: Tensor, fp16: bool = False) -> Tensor:
+    """``F.normalize(x, dim=-1)``; with ``fp16`` as the official code does it on float16
+    embeddings: the norm is rounded to float16, then the quotient."""
+    if not fp16:
+        return F.normalize(x, dim=-1)
+    return fp16_round(x / fp16_round(x.norm(dim=-1, keepdim=True)).clamp_min(1e-12))
+
+
+def mean_cosine(queries: Tensor, gallery: Tensor, fp16: bool = False) -> Tensor:
+    """S̄ of a block: ``queries`` [q, N, D] and ``gallery`` [g, N, D] normalised samples ->
+    mean over the N samples of their cosines, [q, g] (a ``score_fn`` of the chunked search).
+    ``fp16``: each S_k and their mean rounded to float16 (``arithmetic=fp16_official``)."""
+    scores = torch.bmm(queries.transpose(0, 1), gallery.permute(1, 2, 0))
+    if not fp16:
+        return scores.mean(0)
+    return fp16_round(fp16_round(scores).mean(0))
 
 
 def _merge_top(
@@ -108,6 +146,13 @@ class Posterior:
     embeddings; ``caption_image`` long [T] (the image of each caption) is needed for ranks and the
     oracle. The cosine of sample k is S_k = normalize(text_k) @ normalize(image_k).T and
     S̄ = mean_k S_k; neither is ever held beyond one block of ``block_size`` scores.
+
+    ``arithmetic="fp16_official"`` reproduces the released code's float16 arithmetic (see
+    :data:`ARITHMETICS` and docs/uclip.md): the samples are rounded to float16, and so is the
+    result of every operation the official code does in float16 (norms, normalised vectors, each
+    S_k, S̄, the adversarial margins, gradients, steps and radii, tanh); the maths itself runs in
+    float32, so the result does not depend on the device. Confidences of
+    :data:`FP16_CONFIDENCES` are then float16 tensors, like the official ones.
     """
 
     def __init__(
@@ -117,7 +162,12 @@ class Posterior:
         caption_image: Tensor | None = None,
         depth: int = 10,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        arithmetic: str = "fp32",
     ) -> None:
+        check_choice("arithmetic", arithmetic, ARITHMETICS)
+        self.arithmetic = arithmetic
+        self.fp16 = arithmetic == "fp16_official"
+        self._round = fp16_round if self.fp16 else _identity
         if text_samples.ndim != 3 or image_samples.ndim != 3:
             raise ValueError(
                 "text_samples and image_samples must be [N, T, D] and [N, I, D] (N posterior "
@@ -133,10 +183,14 @@ class Posterior:
             )
         if min(text_samples.shape[:2]) < 1 or image_samples.shape[1] < 1:
             raise ValueError("need at least one sample, one caption and one image")
-        self.text_mean = text_samples.float().mean(0)  # raw means: the adversarial methods
-        self.image_mean = image_samples.float().mean(0)
-        self.text = F.normalize(text_samples.float(), dim=-1).contiguous()
-        self.image = F.normalize(image_samples.float(), dim=-1).contiguous()
+        text_samples, image_samples = text_samples.float(), image_samples.float()
+        if self.fp16:  # the official embeddings are the float16 outputs of autocast
+            text_samples, image_samples = fp16_round(text_samples), fp16_round(image_samples)
+        # raw means: the adversarial methods
+        self.text_mean = self._round(text_samples.mean(0))
+        self.image_mean = self._round(image_samples.mean(0))
+        self.text = _normalize(text_samples, self.fp16).contiguous()
+        self.image = _normalize(image_samples, self.fp16).contiguous()
         self.caption_image = None
         if caption_image is not None:
             self.caption_image = torch.as_tensor(
@@ -162,7 +216,12 @@ class Posterior:
         image_t = self.image.transpose(1, 2)
         for t0 in range(0, num_texts, rows):
             t1 = min(t0 + rows, num_texts)
-            yield t0, t1, torch.bmm(self.text[:, t0:t1], image_t)
+            yield t0, t1, self._round(torch.bmm(self.text[:, t0:t1], image_t))
+
+    def mean_scores(self, queries: Tensor, gallery: Tensor) -> Tensor:
+        """S̄ of a block of normalised samples ([q, N, D], [g, N, D]) in this posterior's
+        arithmetic: the ``score_fn`` of a chunked search over S̄."""
+        return mean_cosine(queries, gallery, self.fp16)
 
     def scan(self, sample_k: int = 0) -> Scan:
         """One pass over S_1..S_N collecting what the methods and recalls need; cached, and a
@@ -181,7 +240,7 @@ class Posterior:
         image_top = best_texts = None
         images = torch.arange(num_images, device=device)
         for t0, t1, scores in self._blocks():
-            mean = scores.mean(0)  # the S̄ rows t0:t1
+            mean = self._round(scores.mean(0))  # the S̄ rows t0:t1
             text_max[t0:t1] = mean.max(1).values
             image_max = torch.maximum(image_max, mean.max(0).values)
             if sample_k:
@@ -221,8 +280,13 @@ class Posterior:
         unknown = set(options) - set(OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(OPTIONS)}")
-        opts = {**OPTIONS, **options}
-        block = self.block_size
+        conf = self._confidence(method, {**OPTIONS, **options})
+        if self.fp16 and method in FP16_CONFIDENCES:  # the official float16 tensors
+            return conf[0].half(), conf[1].half()
+        return conf
+
+    def _confidence(self, method: str, opts: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        block, fp16 = self.block_size, self.fp16
         if method == "top1_similarity":
             scan = self.scan()
             return scan.text_max, scan.image_max
@@ -238,14 +302,14 @@ class Posterior:
             )
         if method == "adversarial":
             step, iters = float(opts["step_size"]), int(opts["max_iter"])
-            text = _adversarial_radius(self.text_mean, self.image_mean, step, iters, block)
-            image = _adversarial_radius(self.image_mean, self.text_mean, step, iters, block)
-            return torch.tanh(text), torch.tanh(image)
+            text = _adversarial_radius(self.text_mean, self.image_mean, step, iters, block, fp16)
+            image = _adversarial_radius(self.image_mean, self.text_mean, step, iters, block, fp16)
+            return self._round(torch.tanh(text)), self._round(torch.tanh(image))
         if method == "adversarial_linear":
             eps = float(opts["eps"])
             return (
-                _linear_confidence(self.text_mean, self.image_mean, eps, block),
-                _linear_confidence(self.image_mean, self.text_mean, eps, block),
+                _linear_confidence(self.text_mean, self.image_mean, eps, block, fp16),
+                _linear_confidence(self.image_mean, self.text_mean, eps, block, fp16),
             )
         raise ValueError(f"unknown uCLIP method {method!r}; expected one of {', '.join(METHODS)}")
 
@@ -259,7 +323,7 @@ class Posterior:
         text_rank = torch.empty(num_texts, dtype=torch.long, device=device)
         positive = torch.empty(num_texts, device=device)
         for t0, t1, scores in self._blocks():
-            mean = scores.mean(0)
+            mean = self._round(scores.mean(0))
             target = caption_image[t0:t1]
             text_rank[t0:t1] = rank_of_scores(mean, target)
             positive[t0:t1] = mean.gather(1, target[:, None]).squeeze(1)
@@ -272,7 +336,7 @@ class Posterior:
         best_text = best_text.scatter_reduce(0, caption_image[is_best], texts[is_best], "amin")
         image_rank = torch.zeros(num_images, dtype=torch.long, device=device)
         for t0, t1, scores in self._blocks():
-            mean = scores.mean(0)
+            mean = self._round(scores.mean(0))
             ahead = (mean > best) | ((mean == best) & (texts[t0:t1, None] < best_text))
             image_rank += ahead.sum(0)
         image_conf = 1.0 / image_rank.float()
@@ -314,15 +378,25 @@ def _topk_agreement(top: Tensor) -> Tensor:
 
 
 def _adversarial_radius(
-    queries: Tensor, gallery: Tensor, step_size: float, max_iter: int, block_size: int
+    queries: Tensor,
+    gallery: Tensor,
+    step_size: float,
+    max_iter: int,
+    block_size: int,
+    fp16: bool = False,
 ) -> Tensor:
     """L2 size of the fixed-step normalised-gradient walk of each raw query that flips its top-1.
 
     All queries step together; a query leaves the batch when its top-1 changes or its gradient is
     zero. ∇_q [cos(q, g*) − cos(q, g_r)] = (ĝ* − ĝ_r − m·q̂) / ‖q‖ with m the margin, so no
     autograd is needed; computing m as q̂·(ĝ* − ĝ_r) makes it exactly 0 for duplicate rows.
+    ``fp16``: every quantity the official code holds in float16 is rounded to float16 (cosines,
+    margin, gradient, its norm, the normalised gradient, the step, the walked query, the radius);
+    m is then the difference of the two rounded cosines, as the official loss, still 0 for
+    duplicate rows.
     """
-    gallery_hat = F.normalize(gallery, dim=-1)
+    rnd = fp16_round if fp16 else _identity
+    gallery_hat = _normalize(gallery, fp16)
     q = queries.clone()
     top1 = torch.empty(len(q), dtype=torch.long, device=q.device)
     active = torch.arange(len(q), device=q.device)
@@ -332,40 +406,65 @@ def _adversarial_radius(
         still = []
         for idx in active.split(rows):
             qa = q[idx]
-            norm = qa.norm(dim=1, keepdim=True)
-            q_hat = qa / norm
-            sims = q_hat @ gallery_hat.T
+            norm = rnd(qa.norm(dim=1, keepdim=True))
+            q_hat = rnd(qa / norm)
+            sims = rnd(q_hat @ gallery_hat.T)
             best = sims.argmax(1)
             if it == 0:
                 top1[idx] = best
             star = top1[idx]
             flipped = best != star
+            star_sim = sims.gather(1, star[:, None])
             sims.scatter_(1, star[:, None], -1e4)
-            diff = gallery_hat[star] - gallery_hat[sims.argmax(1)]
-            margin = (q_hat * diff).sum(1, keepdim=True)
-            grad = (diff - margin * q_hat) / norm
-            grad_norm = grad.norm(dim=1, keepdim=True)
+            runner_sim, runner = sims.max(1, keepdim=True)
+            diff = gallery_hat[star] - gallery_hat[runner.squeeze(1)]
+            if fp16:
+                margin = rnd(star_sim - runner_sim)
+            else:
+                margin = (q_hat * diff).sum(1, keepdim=True)
+            grad = rnd((diff - margin * q_hat) / norm)
+            grad_norm = rnd(grad.norm(dim=1, keepdim=True))
             moving = ~flipped & (grad_norm.squeeze(1) > 0)
-            q[idx[moving]] = qa[moving] - step_size * grad[moving] / (grad_norm[moving] + 1e-10)
+            if fp16:  # the + 1e-10 of the official normalisation vanishes in float16
+                update = rnd(step_size * rnd(grad / grad_norm.clamp_min(1e-10)))
+            else:
+                update = step_size * grad / (grad_norm + 1e-10)
+            q[idx[moving]] = rnd(qa[moving] - update[moving])
             still.append(idx[moving])
         active = torch.cat(still) if still else active[:0]
         if active.numel() == 0:
             break
-    return (q - queries).norm(dim=1)
+    return rnd(rnd(q - queries).norm(dim=1))
 
 
-def _linear_confidence(queries: Tensor, gallery: Tensor, eps: float, block_size: int) -> Tensor:
-    """tanh(f / (‖∇f‖ + eps)) with f the top-1 minus top-2 cosine of each raw query."""
+def _linear_confidence(
+    queries: Tensor, gallery: Tensor, eps: float, block_size: int, fp16: bool = False
+) -> Tensor:
+    """tanh(f / (‖∇f‖ + eps)) with f the top-1 minus top-2 cosine of each raw query.
+
+    ``fp16``: cosines, f, ∇f, its norm, the quotient and tanh rounded to float16, as the official
+    code computes them; eps (below float16's smallest value) vanishes there, so a zero gap (tied
+    top-2 cosines, which float16 makes frequent) gives 0, as in float32 (the official code
+    yields NaN only when ∇f is also 0, i.e. for duplicate gallery rows, and zeroes it for image
+    queries; 0 here in both directions).
+    """
     if len(gallery) < 2:
         return torch.zeros(len(queries), device=queries.device)
-    q_hat = F.normalize(queries, dim=-1)
-    gallery_hat = F.normalize(gallery, dim=-1)
+    q_hat = _normalize(queries, fp16)
+    gallery_hat = _normalize(gallery, fp16)
     rows = max(1, block_size // len(gallery))
-    _, idx = topk(q_hat, gallery_hat, 2, chunk_size=rows)
+    score_fn = (lambda q, g: fp16_round(q @ g.T)) if fp16 else None
+    values, idx = topk(q_hat, gallery_hat, 2, chunk_size=rows, score_fn=score_fn)
     diff = gallery_hat[idx[:, 0]] - gallery_hat[idx[:, 1]]
-    gap = (q_hat * diff).sum(1)
-    grad_norm = (diff - gap[:, None] * q_hat).norm(dim=1) / queries.norm(dim=1)
-    return torch.tanh(gap / (grad_norm + eps))
+    if not fp16:
+        gap = (q_hat * diff).sum(1)
+        grad_norm = (diff - gap[:, None] * q_hat).norm(dim=1) / queries.norm(dim=1)
+        return torch.tanh(gap / (grad_norm + eps))
+    gap = fp16_round(values[:, 0] - values[:, 1])
+    norm = fp16_round(queries.norm(dim=1, keepdim=True))
+    grad_norm = fp16_round(fp16_round((diff - gap[:, None] * q_hat) / norm).norm(dim=1))
+    delta = torch.where(gap == 0, torch.zeros_like(gap), gap / grad_norm.clamp_min(1e-30))
+    return fp16_round(torch.tanh(fp16_round(delta)))
 
 
 def confidence(
