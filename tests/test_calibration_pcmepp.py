@@ -83,3 +83,32 @@ def test_degenerate_cases():
         equal_count_bins(torch.tensor([0.1]), torch.tensor([True]), 0)
     with pytest.raises(ValueError, match="NaN"):
         equal_count_bins(torch.tensor([math.nan, 0.1]), torch.tensor([True, False]), 1)
+
+
+def test_the_option_adds_pcmepp_keys_to_uclip_and_probvlm_reports():
+    """``evaluator.pcmepp`` / ``method.pcmepp``: the shared calibration report adds
+    ``<d>/pcmepp/pearson`` (the PCME++ loop on R@1) for every method and direction, and leaves
+    every other key as it was."""
+    from xmodal.evaluators.uclip import Posterior, UCLIPEvaluator
+    from xmodal.metrics.calibration import calibration_report
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    caption_image = torch.arange(30).repeat_interleave(3)
+    texts = images[caption_image] + 0.9 * torch.randn(90, 16, generator=g)
+    ranks = Posterior(texts[None], images[None], caption_image).ranks()
+    conf = (torch.rand(90, generator=g), torch.rand(30, generator=g))
+    steps = {"t2i": 10, "i2t": 5}
+    plain, _ = calibration_report({"m": conf}, ranks, steps=steps)
+    both, _ = calibration_report({"m": conf}, ranks, steps=steps, pcmepp=True)
+    assert set(both) - set(plain) == {"test/t2i/pcmepp/pearson", "test/i2t/pcmepp/pearson"}
+    assert all(both[k] == v or (math.isnan(v) and math.isnan(both[k])) for k, v in plain.items())
+    for d, c in zip(("t2i", "i2t"), conf):
+        hits = (ranks[d] < 1).numpy()
+        reference = pcmepp_reference(-c.numpy(), hits, 10)[::-1]  # increasing confidence
+        level = np.arange(10)[::-1]
+        assert both[f"test/{d}/pcmepp/pearson"] == pytest.approx(pearsonr(level, reference)[0])
+    # the evaluator passes its option through
+    evaluator = UCLIPEvaluator(pcmepp=True, rejection_step_t2i=10, rejection_step_i2t=5)
+    metrics, _ = evaluator.score(Posterior(texts[None], images[None], caption_image))
+    assert "test/t2i/pcmepp/pearson" in metrics and "test/i2t/pcmepp/pearson" in metrics

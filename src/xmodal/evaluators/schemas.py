@@ -64,6 +64,7 @@ class UCLIPConfig:
     rejection_step_i2t: int = 100
     ties: str = "average"
     ece_bins: int = 15
+    pcmepp: bool = False  # PCME++'s protocol too: .../pcmepp/pearson over equal-count bins
     block_size: int = UCLIP_BLOCK_SIZE
     device: str = "auto"
     cache: bool = True

@@ -64,6 +64,8 @@ from xmodal.metrics.calibration import (
     calibration_report,
     calibration_scores,
     confidence_bins,
+    equal_count_bins,
+    pearson_calibration,
 )
 from xmodal.protocols.uclip import (  # noqa: F401 - re-exported: the evaluator's public maths
     ARITHMETICS,
@@ -178,6 +180,7 @@ class UCLIPEvaluator:
         rejection_step_i2t: int = 100,
         ties: str = "average",
         ece_bins: int = 15,
+        pcmepp: bool = False,
         block_size: int = DEFAULT_BLOCK_SIZE,
         device: str = "auto",
         cache: bool = True,
@@ -191,6 +194,7 @@ class UCLIPEvaluator:
         self.arithmetic = arithmetic
         check_choice("evaluator.ties", ties, TIES)
         self.ties = ties
+        self.pcmepp = bool(pcmepp)
         self.methods = [method] + [m for m in dict.fromkeys(compare) if m != method]
         self.sampler, self.variant = sampler, variant
         if sampler == "mcd" and (passes < 1 or not 0.0 <= dropout < 1.0):
@@ -376,6 +380,9 @@ class UCLIPEvaluator:
         bins = confidence_bins(conf[listed], rprecision[listed], self.num_bins)
         scalars: dict[str, Any] = dict(calibration_scores(bins))
         scalars["num_bins"] = len(bins)
+        if self.pcmepp:  # PCME++ bins every query and scores each bin over the listed ones
+            equal = equal_count_bins(conf, rprecision, self.num_bins, self.ties)
+            scalars["pcmepp/pearson"] = pearson_calibration(equal)["pearson"]
         return scalars, [list(b) for b in bins]
 
     def evaluate(self, ctx: Any) -> dict[str, Any]:
@@ -460,6 +467,7 @@ class UCLIPEvaluator:
             oracle=posterior.oracle(),
             probability=PROBABILITY_METHODS,
             ece_bins=self.ece_bins,
+            pcmepp=self.pcmepp,
         )
         if extended is not None:
             for method in self.methods:

@@ -602,6 +602,7 @@ class ProbVLM(pl.LightningModule):
             num_bins=c.num_bins,
             ties=c.ties,
             oracle=posterior.oracle(),
+            pcmepp=c.pcmepp,
         )
         for name, values in (("image", image), ("text", text)):
             for key in ("nll", "mae", "nll_untrained", "mae_untrained"):

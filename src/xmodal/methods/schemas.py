@@ -206,6 +206,7 @@ class ProbVLMConfig:
     rejection_step_t2i: int = 500
     rejection_step_i2t: int = 100
     ties: str = "average"  # average | index, as evaluator=uclip
+    pcmepp: bool = False  # PCME++'s protocol too (.../pcmepp/pearson), as evaluator=uclip
     plots: bool = True  # calibration.png, rejection.png, curves.json in the run dir
     cache: bool = True  # the embedding cache (keys shared with the evaluators)
     test_data: Any = None  # a data config (`/data@method.test_data: <name>` in an experiment):

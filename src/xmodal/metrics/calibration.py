@@ -334,6 +334,7 @@ def direction_calibration(
     num_bins: int = 10,
     ties: str = "average",
     ece_bins: int | None = None,
+    pcmepp: bool = False,
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Calibration and rejection metrics of one direction: ``(scalars, curves for the plots)``.
 
@@ -341,7 +342,9 @@ def direction_calibration(
     capped at max(ks)). Scalars: ``S``, ``R2``, ``-SR2`` over the R@1 of ``num_bins`` confidence
     bins, ``AUROC`` and ``AURC`` of the confidence for a correct top-1, ``ECE`` only when
     ``ece_bins`` is given (a confidence that estimates P(correct top-1)), ``num_bins`` (bins that
-    survived) and ``rejection/R@k`` (percent). Curves: ``bins`` and ``rejection``.
+    survived) and ``rejection/R@k`` (percent). ``pcmepp``: PCME++'s protocol too,
+    ``pcmepp/pearson`` over the R@1 of ``num_bins`` :func:`equal_count_bins`. Curves: ``bins`` and
+    ``rejection``.
     """
     confidence = torch.as_tensor(confidence).detach().cpu()
     ranks = torch.as_tensor(ranks).detach().cpu()
@@ -353,6 +356,9 @@ def direction_calibration(
     if ece_bins is not None:
         scalars["ECE"] = confidence_ece(confidence, correct, ece_bins)
     scalars["num_bins"] = len(bins)
+    if pcmepp:
+        equal = equal_count_bins(confidence, correct, num_bins, ties)
+        scalars["pcmepp/pearson"] = pearson_calibration(equal)["pearson"]
     areas, rejection = rejection_areas(confidence, ranks, ks, step, ties)
     scalars.update({f"rejection/{key}": area for key, area in areas.items()})
     return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
@@ -369,6 +375,7 @@ def calibration_report(
     oracle: tuple[Tensor, Tensor] | None = None,
     probability: Sequence[str] = (),
     ece_bins: int = 15,
+    pcmepp: bool = False,
 ) -> tuple[dict[str, float], dict[str, dict]]:
     """Every calibration metric of a retrieval run under uCLIP's keys: ``(metrics, curves)``.
 
@@ -376,7 +383,8 @@ def calibration_report(
     ``ranks``: ``{"t2i", "i2t"}`` -> rank of each query's first positive (capped at max(ks));
     ``steps``: queries removed per rejection-curve point, per direction; ``oracle``: the
     (caption, image) oracle confidences of the rejection upper bound; ``probability``: methods
-    whose confidence estimates P(correct top-1), the only ones given an ``ECE``.
+    whose confidence estimates P(correct top-1), the only ones given an ``ECE``; ``pcmepp``: add
+    PCME++'s ``pcmepp/pearson`` (:func:`direction_calibration`).
 
     Keys: ``test/<d>/R@k`` (percent), ``test/<d>/oracle_rejection/R@k``, then the first method's
     :func:`direction_calibration` scalars under ``test/<d>/...`` and every other method's under
@@ -406,6 +414,7 @@ def calibration_report(
                 num_bins=num_bins,
                 ties=ties,
                 ece_bins=ece_bins if method in probability else None,
+                pcmepp=pcmepp,
             )
             metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
             curves["methods"][method][d] = curve
