@@ -58,23 +58,20 @@ export XMODAL_OUTPUT="$work/outputs" XMODAL_DATA="$work/data" HF_HUB_OFFLINE=1 P
   logger=csv
 metrics=$(find "$XMODAL_OUTPUT/eval" -path '*/csv/metrics.csv' | head -n 1)
 grep -q "test/t2i/R@1" "$metrics" || { echo "package: no metrics in the CSV log"; exit 1; }
-set +e
-out=$("$venv/bin/xmodal-eval" experiment=shapes/retrieval_untrained data.shapes_world=small \
-  trainer=cpu logger=wandb force=true 2>&1)
-rc=$?
-set -e
-if [ "$rc" -ne 2 ] || ! grep -q "pip install 'xmodal\[wandb\]'" <<<"$out"; then
-  echo "package: logger=wandb without the extra should exit 2 with the install hint (rc=$rc):"
-  echo "$out" | tail -20
-  exit 1
-fi
-set +e
-out=$("$venv/bin/xmodal-eval" -m launcher=slurm experiment=shapes/retrieval_untrained 2>&1)
-rc=$?
-set -e
-if [ "$rc" -ne 2 ] || ! grep -q "pip install 'xmodal\[slurm\]'" <<<"$out"; then
-  echo "package: launcher=slurm without the extra should exit 2 with the install hint (rc=$rc):"
-  echo "$out" | tail -20
-  exit 1
-fi
+# an option whose extra is not installed stops with exit code 2 and the one-line install hint
+expect_install_hint() {
+  local extra=$1 what=$2; shift 2
+  set +e
+  out=$("$venv/bin/xmodal-eval" "$@" 2>&1)
+  rc=$?
+  set -e
+  if [ "$rc" -ne 2 ] || ! grep -qF "pip install 'xmodal[$extra]'" <<<"$out"; then
+    echo "package: $what without the extra should exit 2 with the install hint (rc=$rc):"
+    echo "$out" | tail -20
+    exit 1
+  fi
+}
+expect_install_hint wandb logger=wandb experiment=shapes/retrieval_untrained \
+  data.shapes_world=small trainer=cpu logger=wandb force=true
+expect_install_hint slurm launcher=slurm -m launcher=slurm experiment=shapes/retrieval_untrained
 echo "package: ok ($(basename "$wheel"))"

@@ -8,7 +8,12 @@ Either (or both) of the two formats the loader reads:
 - Karpathy's ``dataset_coco.json`` with the COCO 2014 images: ``--karpathy-json FILE --images
   .../val2014 .../train2014`` links them to ``ROOT/dataset_coco.json`` and ``ROOT/val2014/`` etc.
 
-Only symlinks are made; nothing is deleted. Then every split found is loaded and counted.
+``--annotations DIR`` links the official ``captions_{train,val}2014.json`` (from
+annotations_trainval2014.zip) to ``ROOT/annotations/``: the caption ids of the extended-positive
+evaluation (``data.extended_positives``: ECCV Caption, CxC, PMRP).
+
+Only symlinks are made; nothing is deleted. Then every split found is loaded and counted (the test
+split with its COCO ids when the annotations are there).
 
     python scripts/prepare_coco.py --root data/coco --hf-snapshot ~/hf/wds_mscoco_captions
 """
@@ -35,11 +40,13 @@ def present(root: Path, fmt: str, split: str) -> bool:
 
 def counts(root: Path, fmt: str, split: str) -> str:
     """Load one split in one format; its counts as printed after ``ok``."""
-    data = coco.load(root, split=split, fmt=fmt)
+    ids = split == "test" and (root / coco.CAPTIONS_JSON.format(folder="val2014")).exists()
+    data = coco.load(root, split=split, fmt=fmt, ids=ids)
     per_image = [data.caption_image.count(i) for i in range(len(data.image_paths))]
     return (
         f"{fmt:8s} {split:5s} {len(data.image_paths):7d} images "
         f"{len(data.captions):7d} captions ({min(per_image)}-{max(per_image)} per image)"
+        + (", COCO ids" if ids else "")
     )
 
 
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-snapshot", type=Path, help="local clip-benchmark/wds_mscoco_captions")
     parser.add_argument("--karpathy-json", type=Path, help="Karpathy's dataset_coco.json")
     parser.add_argument("--images", type=Path, nargs="*", default=[], help="val2014/ train2014/")
+    parser.add_argument(
+        "--annotations", type=Path, help="folder of captions_{train,val}2014.json (caption ids)"
+    )
     args = parser.parse_args(argv)
 
     if args.hf_snapshot:
@@ -75,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare.link(args.karpathy_json, args.root / "dataset_coco.json", resolve=True)
     for folder in args.images:
         prepare.link(folder, args.root / folder.expanduser().resolve().name, resolve=True)
+    if args.annotations:
+        for folder in ("train2014", "val2014"):
+            name = coco.CAPTIONS_JSON.format(folder=folder)
+            src = args.annotations.expanduser().resolve() / Path(name).name
+            if src.is_file():
+                prepare.link(src, args.root / name)
+            else:
+                prepare.report("skip", f"{src} (not there)")
     return 0 if validate(args.root) else 1
 
 

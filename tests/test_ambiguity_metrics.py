@@ -219,3 +219,29 @@ def test_cir_training_run_scores_its_uncertainty_file(xmodal_env):
         read_metrics(cfg.run_dir)["test/dress/ambiguity/matched"]
         == m["test/dress/ambiguity/matched"]
     )
+
+
+def test_probvlm_run_scores_its_variances(xmodal_env):
+    from xmodal.pipeline import train
+
+    overrides = [
+        "experiment=probvlm/shapes",
+        "backbone=tiny_clip",
+        *SMALL,
+        "data.shapes_ambiguity=true",
+        "trainer.max_epochs=1",
+        "method.mc_passes=2",
+        "method.plots=false",
+    ]
+    cfg = compose("train", overrides)
+    m = train(cfg, overrides)
+    sidecar = json.loads((Path(cfg.data.root) / "ambiguity.json").read_text())["items"]
+    for d, n in (("i2t", m["test/num_images"]), ("t2i", m["test/num_texts"])):
+        ids, columns = read_query_csv(csv_path(cfg.run_dir, "test", d))
+        assert len(ids) == n == m[f"test/{d}/ambiguity/matched"] and all(i in sidecar for i in ids)
+        assert list(columns) == ["uncertainty", "epistemic", "total"]  # aleatoric first
+        total = torch.tensor(columns["total"]).double()
+        parts = torch.tensor(columns["uncertainty"]).double() + torch.tensor(columns["epistemic"])
+        torch.testing.assert_close(total, parts.double())  # eq 9
+        for column in ("", "epistemic/", "total/"):
+            assert 0.0 <= m[f"test/{d}/{column}ambiguity/all/auroc"] <= 1.0

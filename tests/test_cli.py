@@ -107,6 +107,9 @@ def test_eval_with_pretrained_backbone_then_skip_then_force(pretrained, xmodal_e
     assert set(metrics) >= {f"test/{d}/R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
     assert metrics["test/num_images"] > 0 and metrics["test/num_texts"] > metrics["test/num_images"]
     assert metrics["test/t2i/R@1"] <= metrics["test/t2i/R@5"] <= metrics["test/t2i/R@10"]
+    for name in ("coco1k", "coco5k", "cxc", "eccv"):  # the world's extended positives
+        assert metrics[f"test/{name}/i2t/R@1"] <= metrics[f"test/{name}/i2t/R@10"]
+    assert {"test/eccv/t2i/mAP@R", "test/eccv/t2i/R-P", "test/pm/t2i/R-P"} <= set(metrics)
     mtime = Path(cfg.run_dir, "metrics.json").stat().st_mtime_ns
     res = _cli("eval", overrides, xmodal_env)  # finished: skipped
     assert Path(cfg.run_dir, "metrics.json").stat().st_mtime_ns == mtime

@@ -77,7 +77,10 @@ def test_help_lists_groups_experiments_and_examples():
     text = res.stdout
     assert text.startswith("xmodal-train: fit a trainable method")
     assert "_schema" not in text
-    for line in ("  method     clip_pretrain, hug, ruir", "  trainer    cpu, ddp, default, gpu"):
+    for line in (
+        "  method     clip_pretrain, hug, probvlm, ruir",
+        "  trainer    cpu, ddp, default, gpu",
+    ):
         assert line in text
     assert "hug/cirr" in text and "xmore/" not in text  # the experiments of this entry point
     assert "  xmodal-train experiment=shapes/clip_pretrain" in text

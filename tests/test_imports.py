@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "retrieval", "backbones", "probabilistic"),
     # compose() and the torch-free schemas (the modules of SCHEMAS); optional-dependency checks
     ("config", "extras"),
+    ("slurm",),  # SLURM request fitting and resolvers (torch-free: config registers them)
     ("inputs", "errors"),  # file fingerprints of run inputs; the error types every layer raises
 ]
 #: Torch-free schema modules: they belong to the config layer, not to their package.

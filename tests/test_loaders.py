@@ -601,9 +601,10 @@ def test_prepare_validate_world(world: Path, manifest: dict, capsys: pytest.Capt
 def test_prepare_conversions(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # COCO from a wds snapshot; Flickr from an nlphuji snapshot with the zipped images
     prep = script("prepare_coco")
-    assert (
-        prep.main(["--root", str(tmp_path / "coco"), "--hf-snapshot", str(world / "coco/wds")]) == 0
-    )
+    args = ["--root", str(tmp_path / "coco"), "--hf-snapshot", str(world / "coco/wds")]
+    assert prep.main([*args, "--annotations", str(world / "coco/annotations")]) == 0
+    assert "test   " in (out := capsys.readouterr().out) and ", COCO ids" in out
+    assert coco.load(tmp_path / "coco", "test", ids=True).caption_ids  # wds + captions json
     snap = tmp_path / "snap"
     snap.mkdir()
     (snap / "flickr_annotations_30k.csv").symlink_to(world / "flickr30k/flickr_annotations_30k.csv")

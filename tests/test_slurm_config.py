@@ -81,7 +81,7 @@ def test_launcher_composes_to_sbatch_parameters_of_the_trainer(
 ):
     params = _launcher(*trainer)
     assert tuple(params[k] for k in KEYS) == expected
-    assert params["_target_"] == "xmodal.cli._slurm.XmodalSlurmLauncher"
+    assert params["_target_"] == "hydra_plugins.xmodal_slurm._launcher.XmodalSlurmLauncher"
     assert params["resume"] == "auto" and params["signal_delay_s"] == 120
     assert params["max_num_timeout"] == 10 and params["name"] == "xmodal-train"
     lines = _sbatch(params, monkeypatch)
@@ -344,3 +344,19 @@ def test_random_state_survives_a_weights_only_checkpoint(tmp_path):
     again = (torch.rand(4), np.random.rand(2), np.random.randn(), random.random())
     assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
     assert draws[2:] == again[2:]
+
+
+def test_hydra_instantiates_the_launcher_from_its_config():
+    """Hydra accepts only plugins defined in the ``hydra_plugins`` namespace and found by its
+    scan: the composed ``hydra.launcher`` must instantiate (as ``-m launcher=slurm`` does)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.xmodal_slurm import XmodalSlurmLauncher
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", ["launcher=slurm"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = Plugins.instance()._instantiate(cfg.hydra.launcher)
+    assert isinstance(launcher, XmodalSlurmLauncher) and launcher.resume == "auto"

@@ -402,6 +402,17 @@ def test_xmodal_eval_shapes_mcd_end_to_end(shapes_mcd_run, xmodal_env):
     assert (
         metrics["test/num_samples"] == 4 and metrics["test/num_texts"] > metrics["test/num_images"]
     )
+    # the shapes world's extended positives (eccv_caption format): S̄'s ECCV / CxC / PMRP numbers,
+    # and every method calibrated against the ECCV R-Precision of its queries as well
+    for d in ("t2i", "i2t"):
+        for key in ("coco1k/{d}/R@1", "coco5k/{d}/R@5", "cxc/{d}/R@10", "eccv/{d}/mAP@R"):
+            assert 0 <= metrics["test/" + key.format(d=d)] <= 100
+        assert 0 <= metrics[f"test/eccv/{d}/R-P"] <= 100 and 0 <= metrics[f"test/pm/{d}/R-P"] <= 100
+        for prefix in ("test", "test/top1_similarity", "test/top1_consistency"):
+            s, r2 = metrics[f"{prefix}/{d}/eccv_R-P/S"], metrics[f"{prefix}/{d}/eccv_R-P/R2"]
+            assert math.isnan(s) or (-1 <= s <= 1 and 0 <= r2 <= 1)
+            assert metrics[f"{prefix}/{d}/eccv_R-P/num_bins"] >= 1
+    assert metrics["test/eccv/i2t/num_queries"] == 15 and metrics["test/eccv/t2i/num_queries"] == 75
     for name in ("calibration.png", "rejection.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = json.loads((run / "curves.json").read_text())

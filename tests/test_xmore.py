@@ -15,6 +15,8 @@ from xmodal.evaluators.xmore import (
     ensemble,
     fuse,
     modal_weights,
+    weight_ratio_by_case,
+    weight_ratio_metrics,
 )
 from xmodal.metrics.classification import entropy_confidence
 
@@ -180,20 +182,90 @@ def test_dedup_keeps_first_occurrence_in_rank_order():
     assert dedup(["b", "a", "b", "c", "a"]) == ["b", "a", "c"]
 
 
+# ------------------------------------------------------------------------------------------
+# Paper Table 8: the ratio of the adjusted confidences per correctness case
+# ------------------------------------------------------------------------------------------
+
+
+def test_weight_ratio_by_case_by_hand():
+    w_image = torch.tensor([0.5, 1.0, 0.2, 0.3, 0.9, 0.6], dtype=torch.float64)
+    w_text = torch.tensor([0.25, 0.0, 0.4, 0.0, 0.3, 0.2], dtype=torch.float64)
+    image_ok = torch.tensor([True, True, False, False, False, True])
+    text_ok = torch.tensor([False, False, True, False, False, True])
+    xmore_ok = torch.tensor([True, True, True, True, False, True])
+    out = weight_ratio_by_case(w_image, w_text, image_ok, text_ok, xmore_ok)
+    # case 1 (image right, text wrong, X-MoRe right): samples 0 (2.0) and 1 (beta-hat = 0)
+    assert out["case1"] == {"sum": 2.0, "num": 2, "beta_zero": 1}
+    # case 2 (image wrong, text right, X-MoRe right): sample 2 (0.5)
+    assert out["case2"] == {"sum": 0.5, "num": 1, "beta_zero": 0}
+    # case 3 (both wrong, X-MoRe right): sample 3 only, whose beta-hat is 0; sample 4 (X-MoRe
+    # wrong) and sample 5 (both right) are in no case
+    assert out["case3"] == {"sum": 0.0, "num": 1, "beta_zero": 1}
+    metrics = weight_ratio_metrics([out, out])  # two seeds' streams, pooled
+    assert metrics["test/weight_ratio/case1"] == 2.0  # (2 + 2) / (4 - 2): inf never enters
+    assert metrics["test/weight_ratio/case1/num"] == 4
+    assert metrics["test/weight_ratio/case1/beta_zero"] == 2
+    assert metrics["test/weight_ratio/case2"] == 0.5
+    # no sample of case 3 has a defined ratio: no value (an empty table cell), only the counts
+    assert "test/weight_ratio/case3" not in metrics
+    assert (
+        metrics["test/weight_ratio/case3/num"] == metrics["test/weight_ratio/case3/beta_zero"] == 2
+    )
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_minmax_beta_hat_is_zero_when_the_text_confidence_is_the_running_minimum():
+    """The stated definition on a real min-max stream: the second sample's text confidence is
+    the running minimum (w_txt = 0) while its image one is the running maximum (w_img = 1)."""
+    conf_image = torch.tensor([0.25, 0.75, 0.5], dtype=torch.float64)
+    conf_text = torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)
+    w_image, w_text = modal_weights(conf_image, conf_text, "minmax")
+    assert w_image.tolist() == [0.5, 1.0, 0.5] and w_text.tolist() == [0.5, 0.0, 1.0]
+    ok = torch.tensor([True, True, True])
+    out = weight_ratio_by_case(w_image, w_text, ok, ~ok, ok)  # all three in case 1
+    assert out["case1"] == {"sum": 1.0 + 0.5, "num": 3, "beta_zero": 1}
+    assert weight_ratio_metrics([out])["test/weight_ratio/case1"] == 0.75
+    # both weights 0 never happens: they fall back to 0.5 each (ratio 1)
+    w_image, w_text = modal_weights(torch.tensor([0.5, 0.1]), torch.tensor([0.5, 0.1]), "minmax")
+    assert w_image.tolist() == w_text.tolist() == [0.5, 0.5]
+
+
+# ------------------------------------------------------------------------------------------
+# The paper tables' configs
+# ------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("name", "rows"), [("xmore_fs", 20), ("xmore_imagenet", 10), ("xmore_ablation", 10)]
+    ("name", "rows"),
+    [
+        ("xmore_fs", 10),
+        ("xmore_imagenet", 10),
+        ("xmore_ablation_retrieval", 5),
+        ("xmore_ablation_confidence", 4),
+        ("xmore_entropy", 10),
+        ("xmore_weight_ratio", 6),
+        ("xmore_k", 14),
+    ],
 )
 def test_paper_tables_name_real_experiments_and_columns(name, rows):
+    """Every cell of the X-MoRe paper tables is an X-MoRe experiment, each table has an Avg.
+    column over all its datasets, and every paper number is a percentage (or, Tables 6 and 8,
+    an entropy in nats and a ratio)."""
     from xmodal.config import list_configs
-    from xmodal.tables import table_config
+    from xmodal.tables import average_columns, table_config
 
     table = table_config(name)
     experiments = set(list_configs("experiment", "xmore/*"))
-    columns = {c.key for c in table.columns}
+    averages = average_columns(table)
+    datasets = [c.key for c in table.columns if c.key not in averages]
+    assert averages["avg"] == datasets
     assert len(table.rows) == rows
     for row in table.rows:
-        assert row.experiment in experiments, row.label
-        assert set(row.paper) <= columns and all(0 < v < 100 for v in row.paper.values())
+        assert row.metric.startswith("test/"), row.label
+        for ds in datasets:
+            assert row.experiment.format(column=ds) in experiments, (row.label, ds)
+        assert set(row.get("paper") or {}) <= {c.key for c in table.columns}
+        assert all(0 < v < 100 for v in (row.get("paper") or {}).values())
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,6 +88,84 @@ def test_stream_files_reproduce_the_metrics(xmore_run):
         assert w_image.tolist() == [float(r["w_image"]) for r in rows]
         assert w_text.tolist() == [float(r["w_text"]) for r in rows]
         assert rows[0]["w_image"] == rows[0]["w_text"] == "0.5"  # the first sample
+
+
+def _stream(run_dir, seed: int) -> list[dict[str, str]]:
+    with open(Path(run_dir) / f"xmore_stream_seed{seed}.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table6_and_table8_keys_follow_from_the_streams(xmore_run):
+    """test/entropy/* (paper Table 6) and test/weight_ratio/* (Table 8), recomputed from the
+    stream files: entropy = (1 - confidence) ln C; the ratio pooled over the seeds' streams."""
+    m = read_metrics(xmore_run.run_dir)
+    streams = [_stream(xmore_run.run_dir, seed) for seed in (0, 1, 2)]
+    num_classes = len({r["label"] for r in streams[0]})
+    assert num_classes == 8  # 8 classes x 3 test images
+    for modality in ("image", "text"):
+        conf = [float(r[f"conf_{modality}"]) for r in streams[0]]
+        entropy = sum((1 - c) * math.log(num_classes) for c in conf) / len(conf)
+        # the stream's confidences are float32 arithmetic, the entropy metric float64
+        assert m[f"test/entropy/{modality}"] == pytest.approx(entropy, rel=1e-6)
+    cases = {"case1": ("1", "0"), "case2": ("0", "1"), "case3": ("0", "0")}
+    for case, (image_ok, text_ok) in cases.items():
+        ratios, num, beta_zero = [], 0, 0
+        for rows in streams:
+            for r in rows:
+                right = (
+                    str(int(r["pred_image"] == r["label"])),
+                    str(int(r["pred_text"] == r["label"])),
+                )
+                if right != (image_ok, text_ok) or r["pred_xmore"] != r["label"]:
+                    continue
+                num += 1
+                if float(r["w_text"]) == 0:
+                    beta_zero += 1
+                else:
+                    ratios.append(float(r["w_image"]) / float(r["w_text"]))
+        assert m[f"test/weight_ratio/{case}/num"] == num
+        assert m[f"test/weight_ratio/{case}/beta_zero"] == beta_zero
+        if ratios:
+            assert m[f"test/weight_ratio/{case}"] == pytest.approx(sum(ratios) / len(ratios))
+        else:
+            assert f"test/weight_ratio/{case}" not in m
+    assert sum(m[f"test/weight_ratio/{c}/num"] for c in cases) > 0
+
+
+@pytest.mark.slow  # two more X-MoRe runs: ~19 s on the shared 2-core machine
+def test_the_analysis_table_renders_from_shapes_runs(xmore_run, tmp_path):
+    """xmore_shapes_analysis (Figure 4, Tables 6 and 8 on the shapes world) from two real runs of
+    one dataset (k = 16 and k = 1): their cells filled, the other datasets' empty, every Avg.
+    empty (a partial row), and the plot written."""
+    from xmodal.tables import collect, render, table_config
+
+    extra = ["backbone=tiny_clip", *SMALL]
+    runs = {}
+    for k in (16, 1):
+        overrides = ["experiment=xmore/shapes_coop", "data=shapes_oxford_pets", *extra]
+        overrides += [] if k == 16 else [f"evaluator.k={k}"]
+        runs[k] = evaluate(compose("eval", overrides), overrides)
+    assert runs[1]["test/entropy/image"] == runs[16]["test/entropy/image"]  # p_img has no k
+    assert runs[1]["test/acc/image"] == runs[16]["test/acc/image"]
+    table = table_config("xmore_shapes_analysis")
+    rows = {r.label: r for r in collect(table, extra)}
+    expected = {
+        "top-1 (%), k=16": runs[16]["test/acc/xmore"],
+        "top-1 (%), k=1": runs[1]["test/acc/xmore"],
+        "entropy Image": runs[16]["test/entropy/image"],
+        "entropy Text (k=1)": runs[1]["test/entropy/text"],
+        "entropy Text (k=16)": runs[16]["test/entropy/text"],
+    }
+    for label, value in expected.items():
+        row = rows[label]
+        assert row.ours["oxford_pets"] == pytest.approx(value), label
+        others = [v for k, v in row.ours.items() if k != "oxford_pets"]
+        assert others == [None] * 10, label  # 9 datasets without a run, and the Avg.
+        assert row.missing_runs == 9 and not row.finished
+    assert rows["top-1 (%), k=8"].missing_runs == 10
+    written = render(table, list(rows.values()), tmp_path)
+    assert "9 of 10 runs missing" in written["markdown"].read_text()
+    assert written["png"].is_file()
 
 
 def test_zeroshot_agrees_with_the_image_only_baseline(xmore_run):

@@ -193,6 +193,10 @@ class DataConfig:
     num_workers: int = 0
     on_corrupt: str = "fail"  # fail | skip
     preload: bool = False  # decode + transform all training images once (small datasets)
+    # coco test: folder of the ECCV Caption / CxC ground truth in eccv_caption's layout
+    # ("eccv_caption": the package's bundled files; null: no extended-positive evaluation)
+    extended_positives: str | None = None
+    plausible_matches: str | None = None  # folder of PCME's pm_*.json (PMRP); null: no PMRP
 
 
 @dataclass
@@ -280,6 +284,7 @@ OPTION_SCHEMAS: dict[tuple[str, str], str] = {
     ("method", "clip_pretrain"): "xmodal.methods.schemas:ClipPretrainConfig",
     ("method", "ruir"): "xmodal.methods.schemas:RUIRConfig",
     ("method", "hug"): "xmodal.methods.schemas:HUGConfig",
+    ("method", "probvlm"): "xmodal.methods.schemas:ProbVLMConfig",
 }
 
 

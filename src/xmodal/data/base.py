@@ -39,17 +39,27 @@ class RetrievalSplit:
     """Image-text retrieval data (COCO, Flickr30k): images and captions in image-major order.
 
     ``caption_image[t]`` is the index into ``image_paths`` of the image caption ``t`` belongs to;
-    images may have any number of captions (real COCO has 5-7).
+    images may have any number of captions (real COCO has 5-7). ``image_ids`` / ``caption_ids``
+    are the dataset's own ids (COCO image ids and caption annotation ids) when the loader was
+    asked for them: the extended-positive ground truth (ECCV Caption, CxC) is keyed by them.
     """
 
     name: str
     image_paths: list[Path]
     captions: list[str]
     caption_image: list[int]
+    image_ids: list[int] | None = None
+    caption_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_image):
             raise ValueError("captions and caption_image must have the same length")
+        for what, ids, n in (
+            ("image_ids", self.image_ids, len(self.image_paths)),
+            ("caption_ids", self.caption_ids, len(self.captions)),
+        ):
+            if ids is not None and len(ids) != n:
+                raise ValueError(f"{what} must give one id per item ({n}), got {len(ids)}")
 
 
 @dataclass

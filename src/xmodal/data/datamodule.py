@@ -87,7 +87,9 @@ def _load(data_cfg: DictConfig, split: str | None) -> Any:
     if family == "coco":
         from xmodal.data import coco
 
-        return coco.load(root, split=split, fmt=data_cfg.format)
+        # the extended-positive ground truth (ECCV Caption, CxC) exists for the 5k test only
+        ids = bool(data_cfg.get("extended_positives")) and split == "test"
+        return coco.load(root, split=split, fmt=data_cfg.format, ids=ids)
     if family == "flickr30k":
         from xmodal.data import flickr30k
 

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xmodal.inputs import content_digest, digest
-
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from torch import nn
@@ -39,29 +37,13 @@ class EvalContext:
         return self.trainer.global_rank == 0
 
     def embedding_key(self, kind: str, items: list[Any], **extra: Any) -> dict[str, Any]:
-        """Cache key of the embeddings of ``items`` (image refs or texts) under this backbone.
+        """Cache key of the embeddings of ``items`` under this run's backbone and data
+        (:func:`xmodal.protocols.retrieval.embedding_key`)."""
+        from xmodal.protocols.retrieval import embedding_key
 
-        Images are keyed by their files' fingerprints too (a replaced image is re-encoded) and by
-        ``data.on_corrupt`` (which decides whether an unreadable one is dropped or fails); the
-        backbone by :func:`xmodal.backbones.identity` (weights by content, random ones by seed).
-        """
-        from xmodal.backbones import identity
-
-        data = self.cfg.data
-        key = {
-            "backbone": identity(self.cfg.backbone),
-            "dataset": data.name,
-            "root": str(Path(data.root).resolve()),
-            "kind": kind,
-            "items": digest(items),
-            "count": len(items),
-            "transform": repr(self.preprocess) if kind == "image" else None,
-            **extra,
-        }
-        if kind == "image":
-            key["content"] = content_digest(items)
-            key["on_corrupt"] = str(data.on_corrupt)
-        return key
+        return embedding_key(
+            self.cfg.data, self.cfg.backbone, self.preprocess, kind, items, **extra
+        )
 
     def loader_kwargs(self) -> dict[str, Any]:
         return {"batch_size": self.cfg.data.batch_size, "num_workers": self.cfg.data.num_workers}

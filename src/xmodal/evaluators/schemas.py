@@ -53,6 +53,7 @@ class UCLIPConfig:
     dropout: float = 0.2
     members: list[EnsembleMember] = field(default_factory=list)
     variant: str = "corrected"
+    arithmetic: str = "fp32"
     step_size: float = 0.025
     max_iter: int = 50
     eps: float = 1e-8
@@ -63,6 +64,7 @@ class UCLIPConfig:
     rejection_step_i2t: int = 100
     ties: str = "average"
     ece_bins: int = 15
+    pcmepp: bool = False  # PCME++'s protocol too: .../pcmepp/pearson over equal-count bins
     block_size: int = UCLIP_BLOCK_SIZE
     device: str = "auto"
     cache: bool = True

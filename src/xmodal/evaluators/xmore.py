@@ -37,7 +37,9 @@ samples, ``test/acc/normalizer/<name>`` for all four normalisers, ``test/acc/xmo
 skipped samples counted by their image-only prediction, ``test/acc/image_all`` (plain CLIP over
 every sample), sample counts (``num_samples = num_evaluated + num_skipped``, ``num_skipped =
 short_results + no_captions``), null captions dropped, the index's search parameters and tuned
-recall, mean entropies / confidences / weights. Each seed's stream goes to
+recall, mean entropies / confidences / weights (``test/entropy/{image,text}``: paper Table 6),
+and paper Table 8's ratio of the adjusted confidences per correctness case
+(``test/weight_ratio/case<c>``, :func:`weight_ratio_by_case`). Each seed's stream goes to
 ``xmore_stream_seed<s>.csv`` in the run directory, and each image's modal uncertainties
 1 - alpha and 1 - beta to ``uncertainty/test_images.csv`` (:mod:`xmodal.protocols.uncertainty`).
 """
@@ -193,6 +195,66 @@ def ensemble(
         )
     p_image = torch.softmax(image_logits, dim=-1)
     return fuse(p_image, caption_probs(caption_logits), normalizer)
+
+
+#: Paper Table 8's correctness cases: (image-only right, text-only right, X-MoRe right).
+WEIGHT_RATIO_CASES = {
+    "case1": (True, False, True),  # the image modality alone was right
+    "case2": (False, True, True),  # the text modality alone was right
+    "case3": (False, False, True),  # neither alone, only their ensemble
+}
+
+
+def weight_ratio_by_case(
+    w_image: Tensor,
+    w_text: Tensor,
+    correct_image: Tensor,
+    correct_text: Tensor,
+    correct_xmore: Tensor,
+) -> dict[str, dict[str, float]]:
+    """Paper Table 8 (§6.3): the adjusted confidences' ratio w_img / w_txt (its alpha-hat /
+    beta-hat, eqs. 2-3, under the configured normaliser) summed over the samples of each
+    correctness case of :data:`WEIGHT_RATIO_CASES`; > 1: the ensemble leaned on the image.
+
+    Stated definition where beta-hat = 0: min-max gives w_txt = 0 whenever the sample's text
+    confidence is the running minimum (and its image confidence is not; both 0 fall back to
+    0.5 each), where alpha-hat / beta-hat is +inf. Such samples are left out of the ratio's
+    mean and counted (``beta_zero``); nothing is divided by zero. Returns per case ``sum`` (of
+    the ratios over samples with w_txt > 0), ``num`` (samples in the case) and ``beta_zero``
+    (those left out). Inputs are [S] tensors of one stream; sum them over streams, then
+    ``mean = sum / (num - beta_zero)``.
+    """
+    out = {}
+    for case, (image_ok, text_ok, xmore_ok) in WEIGHT_RATIO_CASES.items():
+        member = (
+            (correct_image == image_ok) & (correct_text == text_ok) & (correct_xmore == xmore_ok)
+        )
+        defined = member & (w_text > 0)
+        ratio = w_image[defined].double() / w_text[defined].double()
+        out[case] = {
+            "sum": ratio.sum().item(),
+            "num": int(member.sum()),
+            "beta_zero": int((member & ~(w_text > 0)).sum()),
+        }
+    return out
+
+
+def weight_ratio_metrics(per_stream: Sequence[Mapping[str, Mapping[str, float]]]) -> dict:
+    """``test/weight_ratio/case<c>`` = the mean of w_img / w_txt over every (seed, sample) of
+    case c with w_txt > 0, pooled over the seeds' streams (each a full pass over the same
+    samples); ``.../num`` and ``.../beta_zero`` count (seed, sample) pairs over all streams.
+    A case with no sample where the ratio is defined has no ratio key (an empty table cell),
+    only its counts."""
+    metrics: dict[str, float | int] = {}
+    for case in WEIGHT_RATIO_CASES:
+        total = sum(s[case]["sum"] for s in per_stream)
+        num = sum(int(s[case]["num"]) for s in per_stream)
+        beta_zero = sum(int(s[case]["beta_zero"]) for s in per_stream)
+        metrics[f"test/weight_ratio/{case}/num"] = num
+        metrics[f"test/weight_ratio/{case}/beta_zero"] = beta_zero
+        if num > beta_zero:
+            metrics[f"test/weight_ratio/{case}"] = total / (num - beta_zero)
+    return metrics
 
 
 def dedup(captions: Sequence[str]) -> list[str]:
@@ -559,7 +621,7 @@ class XMoReEvaluator:
             self._write_uncertainty(ctx, split, idx, (pred_image, pred_text), conf_image, conf_text)
         seeds = self.seeds if self.seeds is not None else [int(ctx.cfg.seed)]
         by_norm: dict[str, list[float]] = {n: [] for n in NORMALIZERS}
-        acc_all, w_image, w_text = [], [], []
+        acc_all, w_image, w_text, ratios = [], [], [], []
         for seed in seeds:
             order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
             conf = (conf_image[order], conf_text[order])
@@ -570,6 +632,15 @@ class XMoReEvaluator:
                     continue
                 w_image.append(out["w_image"].mean().item())
                 w_text.append(out["w_text"].mean().item())
+                ratios.append(
+                    weight_ratio_by_case(
+                        out["w_image"],
+                        out["w_text"],
+                        (pred_image.cpu() == labels)[order],
+                        (pred_text.cpu() == labels)[order],
+                        out["pred"].cpu() == labels[order],
+                    )
+                )
                 pred_all = p_image_all.argmax(dim=1)  # skipped samples: image-only
                 pred_all[idx[order]] = out["pred"]
                 acc_all.append(100.0 * top1_accuracy(pred_all[valid], labels_all[valid]))
@@ -610,6 +681,7 @@ class XMoReEvaluator:
             "test/weight/text": float(np.mean(w_text)),
         }
         metrics.update({f"test/acc/normalizer/{n}": float(np.mean(v)) for n, v in by_norm.items()})
+        metrics.update(weight_ratio_metrics(ratios))
         metrics.update({f"test/acc/xmore_seed{s}": float(a) for s, a in zip(seeds, main)})
         return metrics
 

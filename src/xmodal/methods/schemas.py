@@ -9,6 +9,7 @@ method's spec and ``docs/<method>.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from xmodal.errors import ConfigError, check_choice
 
@@ -155,3 +156,60 @@ class HUGConfig:
                 "granularity, use_sigma_m, fusion) apply to variant=paper"
             )
         return self
+
+
+#: ProbVLM: what ``method.variant`` switches (docs/probvlm.md), and the uncertainties it reports.
+PROBVLM_VARIANTS = ("paper", "official")
+PROBVLM_UNCERTAINTIES = ("aleatoric", "epistemic", "total")
+
+
+@dataclass
+class ProbVLMConfig:
+    """``method=probvlm`` (docs/probvlm.md): BayesCap-style generalized-Gaussian adapters on frozen
+    CLIP embeddings. [P] the paper (Upadhyay et al., ICCV 2023), [C] the released code
+    (ExplainableML/ProbVLM), [R] ours. A null switch takes its ``variant``'s value."""
+
+    _target_: str = "xmodal.methods.probvlm.ProbVLM"
+    variant: str = "paper"  # paper: eqs 3, 7, 8 | official: the released training code
+    # -- adapters, one per modality: z + MLP(z) -> heads (mu_hat, 1/alpha, beta)
+    hidden_dim: int = 256  # [P][C] input -> 256 -> 256 -> input
+    dropout: float = 0.1  # [P][C] BayesCap_for_CLIP default (the CUB notebook uses 0.05)
+    alpha_eps: float = 1e-4  # [C] alpha = 1 / (head + alpha_eps)
+    beta_eps: float = 1e-4  # [C] beta = head + beta_eps
+    head_activation: str | None = None  # last layer of the 1/alpha and beta heads: relu [C] |
+    # softplus [R] (a relu unit negative for every input is dead: beta stays at beta_eps, costing
+    # lgamma(1/beta_eps) ~ 8e4 nats under eq 3); null: softplus (paper), relu (official)
+    input_norm: str | None = None  # unit | raw | official (unit text, unit image x exp(logit
+    # scale), what the released CLIP wrapper returns); null: unit (paper), official (official)
+    # -- loss: L = L_rec^V + L_rec^T + lambda_cross (L_cross^VT + L_cross^TV)   (eq 8)
+    likelihood: str | None = None  # exact (eq 3) | official (residual |r| beta / alpha, clamped)
+    lambda_cross: float = 1e-4  # [C] cross_modal_lambda (the paper gives no value)
+    l1_weight: float | None = None  # [C] T1, an L1 identity term in every loss term; null: 0 / 1
+    nll_weight: float | None = None  # [C] T2, weight of the likelihood term; null: 1 / 5e-2
+    official_residual_range: list[float] = field(default_factory=lambda: [1e-4, 1e3])  # [C]
+    # -- optimisation: Adam, per-caption (image, caption) pairs, data.batch_size 64 [C]
+    train_fraction: float = 1.0  # [R] share of the train split's images, drawn by seed, with all
+    # their captions; the shapes demo trains on 0.1 to stay fast
+    lr: float = 1e-4  # [P][C]
+    lr_schedule: str = "constant"  # constant: what the code runs | cosine: what it builds
+    # -- uncertainty out (the uCLIP protocol, evaluator=uclip's bins, keys and plots)
+    uncertainty: str = "aleatoric"  # reported under test/<d>/...: aleatoric | epistemic | total
+    compare: list[str] = field(default_factory=lambda: ["epistemic", "total"])  # test/<u>/<d>/
+    mc_passes: int = 15  # [C] n_fw: dropout passes for the epistemic part (0: none)
+    mc_dropout: float | None = None  # null: the training dropout [P]; the code forces 0.3 [C]
+    uncertainty_clamps: bool | None = None  # [C] get_GGuncer's clamps of alpha and beta; null:
+    # false (paper) / true (official)
+    rank_with: str = "frozen"  # frozen: the CLIP embeddings ([P] "same retrieval performance")
+    # | mean: the adapters' means
+    num_bins: int = 10
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    rejection_step_t2i: int = 500
+    rejection_step_i2t: int = 100
+    ties: str = "average"  # average | index, as evaluator=uclip
+    pcmepp: bool = False  # PCME++'s protocol too (.../pcmepp/pearson), as evaluator=uclip
+    plots: bool = True  # calibration.png, rejection.png, curves.json in the run dir
+    cache: bool = True  # the embedding cache (keys shared with the evaluators)
+    test_data: Any = None  # a data config (`/data@method.test_data: <name>` in an experiment):
+    # test on its test split instead (the paper's COCO-trained Flickr column)
+    monitor: str = "val/MAE"  # [C] eval_ProbVLM: mean absolute reconstruction error
+    monitor_mode: str = "min"

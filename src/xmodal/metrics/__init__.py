@@ -12,6 +12,8 @@ from xmodal.metrics.calibration import confidence_aurc as confidence_aurc
 from xmodal.metrics.calibration import confidence_auroc as confidence_auroc
 from xmodal.metrics.calibration import confidence_bins as confidence_bins
 from xmodal.metrics.calibration import confidence_ece as confidence_ece
+from xmodal.metrics.calibration import equal_count_bins as equal_count_bins
+from xmodal.metrics.calibration import pearson_calibration as pearson_calibration
 from xmodal.metrics.calibration import rejection_area as rejection_area
 from xmodal.metrics.calibration import rejection_curve as rejection_curve
 from xmodal.metrics.calibration import uncertainty_calibration as uncertainty_calibration
@@ -24,8 +26,12 @@ from xmodal.metrics.precision import map_at_r as map_at_r
 from xmodal.metrics.precision import precision_at_r as precision_at_r
 from xmodal.metrics.precision import r_precision as r_precision
 from xmodal.metrics.precision import ranked_hits as ranked_hits
+from xmodal.metrics.precision import (
+    ranked_positives_from_embeddings as ranked_positives_from_embeddings,
+)
 from xmodal.metrics.retrieval import cirr_recall_from_embeddings as cirr_recall_from_embeddings
 from xmodal.metrics.retrieval import fashioniq_average as fashioniq_average
+from xmodal.metrics.retrieval import first_hit_rank as first_hit_rank
 from xmodal.metrics.retrieval import image_text_recall as image_text_recall
 from xmodal.metrics.retrieval import positive_ranks as positive_ranks
 from xmodal.metrics.retrieval import (

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,14 +67,21 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
 
     ``confidence`` float [Q], ``hits`` bool [Q]. Returns ``(lo, hi, mean confidence, recall)`` per
     non-empty bin in order of increasing confidence. Confidences are compared in float32, as the
-    official code does. The ``num_bins`` bins span the finite confidences; -inf and +inf each get
+    official code does, except float16 ones, compared in float16 against edges rounded to float16
+    (the official comparison of a float16 confidence tensor with a Python float edge, e.g. under
+    uCLIP's ``arithmetic=fp16_official``). The ``num_bins`` bins span the finite confidences;
+    -inf and +inf each get
     a bin of their own below / above them, ``(-inf, -inf, -inf, recall)`` and
-    ``(inf, inf, inf, recall)``.
+    ``(inf, inf, inf, recall)``. Float ``hits`` are a score per query (e.g. its ECCV Caption
+    R-Precision): a bin's "recall" is then their mean.
     """
+    scores = torch.as_tensor(hits).detach().flatten().cpu()
     confidence, hits = _check(confidence, hits)
+    if scores.is_floating_point():  # a score per query, not a hit
+        hits = scores.double()
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
-    conf = confidence.float()
+    conf = confidence if confidence.dtype == torch.float16 else confidence.float()
     finite = torch.isfinite(conf)
 
     def infinite_bin(value: float) -> list[Bin]:
@@ -87,12 +94,73 @@ def confidence_bins(confidence: Tensor, hits: Tensor, num_bins: int = 10) -> lis
         edges = torch.linspace(low, high, steps=num_bins + 1)
         for i in range(num_bins):
             lo, hi = edges[i].item(), edges[i + 1].item()
+            # a Python float edge: torch compares it in conf's dtype (float16 rounds it)
             upper = conf < hi if i < num_bins - 1 else conf <= hi
             inside = (conf >= lo) & upper  # never an infinite value: one side compares False
             if bool(inside.any()):
                 recall = hits[inside].float().mean().item()
                 bins.append((lo, hi, conf[inside].mean().item(), recall))
     return bins + infinite_bin(math.inf)
+
+
+def equal_count_bins(
+    confidence: Tensor, values: Tensor, num_bins: int = 10, ties: str = "average"
+) -> list[Bin]:
+    """PCME++'s calibration bins: ``num_bins`` bins of equally many queries (the PCME++ protocol).
+
+    Source: naver-ai/pcmepp @8829c0d, ``pcmepp/evaluation.py`` ``eval_uncertainty``: the queries
+    are sorted by increasing uncertainty (``np.argsort``), cut into ``num_bins`` consecutive bins
+    of ``n // num_bins`` queries each, the remainder (the most uncertain queries) dropped, and a
+    score is computed per bin over its queries. Here uncertainty is the reverse order of
+    ``confidence``: the most confident ``n // num_bins`` queries form the last bin, and the
+    ``n % num_bins`` least confident are dropped.
+
+    ``values`` [Q]: bool hits (bin value = its recall) or a float score per query (e.g. ECCV
+    Caption mAP@R or R-Precision), NaN for a query the protocol does not list; a bin's value is
+    the mean over its listed queries (PCME++ restricts the ECCV / CxC ground truth to the bin's
+    queries), NaN when it has none. A bin boundary through tied confidences takes, with
+    ``ties="average"``, the expected share of the tied group (sums and listed counts both, as
+    :func:`rejection_curve`); ``ties="index"`` breaks ties by query index (PCME++'s unstable
+    ``np.argsort`` leaves the order unspecified). Returns ``(lo, hi, mean confidence, value)``
+    per bin in order of *increasing confidence* like :func:`confidence_bins`; empty bins cannot
+    occur, and fewer than ``num_bins`` queries give no bin.
+    """
+    scores = torch.as_tensor(values).detach().flatten().cpu()
+    confidence, _ = _check(confidence, torch.zeros_like(scores, dtype=torch.bool))
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    scores = scores.double()
+    listed = ~torch.isnan(scores)
+    size = len(confidence) // num_bins
+    if size == 0:
+        return []
+    # most confident first = increasing uncertainty, PCME++'s order
+    sums = _ordered_cumsum(confidence, torch.where(listed, scores, 0.0), True, ties)
+    counts = _ordered_cumsum(confidence, listed.double(), True, ties)
+    ordered = confidence.double()[torch.argsort(confidence, descending=True, stable=True)]
+    bins = []
+    for b in range(num_bins):
+        lo, hi = b * size, (b + 1) * size
+        count = float(counts[hi] - counts[lo])
+        value = float(sums[hi] - sums[lo]) / count if count > 0 else math.nan
+        inside = ordered[lo:hi]
+        bins.append((inside.min().item(), inside.max().item(), inside.mean().item(), value))
+    return bins[::-1]
+
+
+def pearson_calibration(bin_values: Sequence[Bin] | Sequence[float]) -> dict[str, float]:
+    """``{"pearson"}``: PCME++'s calibration score, the Pearson correlation between the
+    uncertainty level of a bin (0 = most confident) and its value (``np.corrcoef``, as
+    naver-ai/pcmepp ``eval_coco_uncertainty`` reports ``unc_linear/<metric>_<mod>``); ideal -1,
+    the sign of uCLIP's ``S``. ``bin_values``: bins of :func:`equal_count_bins` (or of
+    :func:`confidence_bins`) or plain values, ordered by increasing confidence. Fewer than two
+    bins, a constant value or a NaN bin value give NaN.
+    """
+    y = np.array([b[-1] if isinstance(b, (tuple, list)) else b for b in bin_values], dtype=float)
+    if len(y) < 2 or np.isnan(y).any() or np.all(y == y[0]):
+        return {"pearson": math.nan}
+    level = np.arange(len(y))[::-1]  # uncertainty level: the most confident bin (last) is 0
+    return {"pearson": float(np.corrcoef(level, y)[0, 1])}
 
 
 def binned_recall(
@@ -234,6 +302,123 @@ def confidence_ece(confidence: Tensor, correct: Tensor, num_bins: int = 15) -> f
         return math.nan
     ece = binary_calibration_error(confidence.float(), correct.long(), n_bins=num_bins, norm="l1")
     return float(ece)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole protocol of one run: uCLIP's metric keys, shared by every retrieval uncertainty
+# ----------------------------------------------------------------------------------------------
+
+#: Retrieval directions: ``t2i`` (caption queries, image gallery), ``i2t`` (image queries).
+DIRECTIONS = ("t2i", "i2t")
+
+
+def rejection_areas(
+    confidence: Tensor, ranks: Tensor, ks: Sequence[int], step: int, ties: str = "average"
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Rejection curves of one direction for every k: ``({"R@k": area in percent},
+    {"R@k": [removed, recall]})``; ``ranks`` = rank of each query's first positive."""
+    areas, curves = {}, {}
+    for k in ks:
+        removed, recall = rejection_curve(confidence, ranks < k, step, ties=ties)
+        areas[f"R@{k}"] = 100.0 * rejection_area(removed, recall)
+        curves[f"R@{k}"] = [removed.tolist(), recall.tolist()]
+    return areas, curves
+
+
+def direction_calibration(
+    confidence: Tensor,
+    ranks: Tensor,
+    *,
+    step: int,
+    ks: Sequence[int] = (1, 5, 10),
+    num_bins: int = 10,
+    ties: str = "average",
+    ece_bins: int | None = None,
+    pcmepp: bool = False,
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Calibration and rejection metrics of one direction: ``(scalars, curves for the plots)``.
+
+    ``confidence`` float [Q] (higher = surer), ``ranks`` long [Q] (rank of the first positive,
+    capped at max(ks)). Scalars: ``S``, ``R2``, ``-SR2`` over the R@1 of ``num_bins`` confidence
+    bins, ``AUROC`` and ``AURC`` of the confidence for a correct top-1, ``ECE`` only when
+    ``ece_bins`` is given (a confidence that estimates P(correct top-1)), ``num_bins`` (bins that
+    survived) and ``rejection/R@k`` (percent). ``pcmepp``: PCME++'s protocol too,
+    ``pcmepp/pearson`` over the R@1 of ``num_bins`` :func:`equal_count_bins`. Curves: ``bins`` and
+    ``rejection``.
+    """
+    confidence = torch.as_tensor(confidence).detach().cpu()
+    ranks = torch.as_tensor(ranks).detach().cpu()
+    correct = ranks < 1
+    bins = confidence_bins(confidence, correct, num_bins)
+    scalars: dict[str, float] = dict(calibration_scores(bins))
+    scalars["AUROC"] = confidence_auroc(confidence, correct)
+    scalars["AURC"] = confidence_aurc(confidence, correct, ties=ties)
+    if ece_bins is not None:
+        scalars["ECE"] = confidence_ece(confidence, correct, ece_bins)
+    scalars["num_bins"] = len(bins)
+    if pcmepp:
+        equal = equal_count_bins(confidence, correct, num_bins, ties)
+        scalars["pcmepp/pearson"] = pearson_calibration(equal)["pearson"]
+    areas, rejection = rejection_areas(confidence, ranks, ks, step, ties)
+    scalars.update({f"rejection/{key}": area for key, area in areas.items()})
+    return scalars, {"bins": [list(b) for b in bins], "rejection": rejection}
+
+
+def calibration_report(
+    confidences: Mapping[str, tuple[Tensor, Tensor]],
+    ranks: Mapping[str, Tensor],
+    *,
+    steps: Mapping[str, int],
+    ks: Sequence[int] = (1, 5, 10),
+    num_bins: int = 10,
+    ties: str = "average",
+    oracle: tuple[Tensor, Tensor] | None = None,
+    probability: Sequence[str] = (),
+    ece_bins: int = 15,
+    pcmepp: bool = False,
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Every calibration metric of a retrieval run under uCLIP's keys: ``(metrics, curves)``.
+
+    ``confidences``: method name -> (caption confidence [T] for t2i, image confidence [I] for i2t);
+    ``ranks``: ``{"t2i", "i2t"}`` -> rank of each query's first positive (capped at max(ks));
+    ``steps``: queries removed per rejection-curve point, per direction; ``oracle``: the
+    (caption, image) oracle confidences of the rejection upper bound; ``probability``: methods
+    whose confidence estimates P(correct top-1), the only ones given an ``ECE``; ``pcmepp``: add
+    PCME++'s ``pcmepp/pearson`` (:func:`direction_calibration`).
+
+    Keys: ``test/<d>/R@k`` (percent), ``test/<d>/oracle_rejection/R@k``, then the first method's
+    :func:`direction_calibration` scalars under ``test/<d>/...`` and every other method's under
+    ``test/<method>/<d>/...``. Curves (``curves.json``, the plots): ``{"methods": {method: {d:
+    {"bins", "rejection"}}}, "oracle": {d: rejection curves}}``.
+    """
+    ranks = {d: torch.as_tensor(r).detach().cpu() for d, r in ranks.items()}
+    metrics: dict[str, float] = {
+        f"test/{d}/R@{k}": 100.0 * (ranks[d] < k).double().mean().item()
+        for d in DIRECTIONS
+        for k in ks
+    }
+    curves: dict[str, dict] = {"methods": {}, "oracle": {}}
+    if oracle is not None:
+        for d, conf in zip(DIRECTIONS, oracle):
+            areas, curves["oracle"][d] = rejection_areas(conf.cpu(), ranks[d], ks, steps[d], ties)
+            metrics.update({f"test/{d}/oracle_rejection/{k}": v for k, v in areas.items()})
+    for index, (method, pair) in enumerate(confidences.items()):
+        prefix = "test" if index == 0 else f"test/{method}"
+        curves["methods"][method] = {}
+        for d, conf in zip(DIRECTIONS, pair):
+            scalars, curve = direction_calibration(
+                conf,
+                ranks[d],
+                step=steps[d],
+                ks=ks,
+                num_bins=num_bins,
+                ties=ties,
+                ece_bins=ece_bins if method in probability else None,
+                pcmepp=pcmepp,
+            )
+            metrics.update({f"{prefix}/{d}/{key}": v for key, v in scalars.items()})
+            curves["methods"][method][d] = curve
+    return metrics, curves
 
 
 def uncertainty_calibration(

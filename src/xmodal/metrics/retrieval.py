@@ -39,7 +39,7 @@ def recall_from_ranks(ranks: Tensor, ks: Sequence[int]) -> dict[int, float]:
     return {int(k): (ranks < k).double().mean().item() for k in ks}
 
 
-def _first_hit_rank(hits: Tensor) -> Tensor:
+def first_hit_rank(hits: Tensor) -> Tensor:
     """Position of the first True in each row of ``hits`` [Q, n]; ``n`` when the row has none."""
     n = hits.shape[1]
     first = hits.int().argmax(dim=1)  # argmax returns the first maximal index
@@ -53,7 +53,7 @@ def positive_ranks(scores: Tensor, positives: Tensor, max_rank: int) -> Tensor:
         raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)}")
     depth = min(max_rank, scores.shape[1])
     _, indices = topk_scores(scores, depth)
-    rank = _first_hit_rank(positives.bool().gather(1, indices))
+    rank = first_hit_rank(positives.bool().gather(1, indices))
     return torch.where(rank >= depth, torch.full_like(rank, max_rank), rank)
 
 
@@ -87,7 +87,7 @@ def positive_ranks_from_embeddings(
         largest=largest,
     )
     hits = gallery_labels.to(indices.device)[indices] == query_labels.to(indices.device)[:, None]
-    rank = _first_hit_rank(hits)
+    rank = first_hit_rank(hits)
     return torch.where(rank >= depth, torch.full_like(rank, max_rank), rank)
 
 

@@ -1,8 +1,10 @@
-"""Gaussian-embedding maths shared by RUIR and HUG: one place, tested once.
+"""Probabilistic-embedding maths shared by RUIR, HUG and ProbVLM: one place, tested once.
 
-Embeddings are diagonal Gaussians N(mu, diag(sigma^2)); ``sigma`` is always a standard deviation.
-Every function sums over all trailing (embedding) dimensions, so a HUG embedding [B, K, D] and a
-RUIR embedding [B, D] use the same code.
+Gaussian embeddings are diagonal Gaussians N(mu, diag(sigma^2)); ``sigma`` is always a standard
+deviation. Every Gaussian function sums over all trailing (embedding) dimensions, so a HUG
+embedding [B, K, D] and a RUIR embedding [B, D] use the same code. ProbVLM's generalized Gaussian
+(scale ``alpha``, shape ``beta``) is element-wise: :func:`generalized_gaussian_nll`,
+:func:`generalized_gaussian_variance`, :func:`generalized_gaussian_sample`.
 
 Every function here is :func:`exact`: it runs with autocast disabled, on inputs of at least float32
 (float64 stays float64), so a ``16-mixed`` / ``bf16-mixed`` trainer changes the precision of the
@@ -13,6 +15,7 @@ distance on [B, 32 x 768] HUG embeddings (||mu||^2 ~ 1e4, distances ~ 200) was o
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -135,9 +138,82 @@ def kl_to_prior(mu: Tensor, sigma: Tensor, prior_std: float = 1.0) -> Tensor:
     return 0.5 * (ratio + _flat(mu).pow(2) / prior_std**2 - 1 - log_ratio).sum(-1)
 
 
+# ----------------------------------------------------------------------------------------------
+# The generalized Gaussian (ProbVLM): beta / (2 alpha Gamma(1/beta)) exp(-(|x - mu| / alpha)^beta)
+# ----------------------------------------------------------------------------------------------
+
+#: Cap on the exponent z = beta * log(|x - mu| / alpha) of the residual term exp(z); past it the
+#: term continues linearly, exp(CAP) * (1 + z - CAP), so it stays finite with a live gradient.
+#: exp(50) ~ 5e21 nats: a mean over ~1e16 such elements still fits float32.
+GG_EXPONENT_CAP = 50.0
+
+
+@exact
+def generalized_gaussian_nll(x: Tensor, mu: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """Element-wise negative log-density of the generalized Gaussian (scale ``alpha``, shape
+    ``beta``) at ``x``:
+
+        -log p(x) = (|x - mu| / alpha)^beta - log beta + log alpha + log 2 + lgamma(1 / beta)
+
+    ProbVLM's eq 3 is this without the constant log 2. beta = 2 is a Gaussian with variance
+    alpha^2 / 2, beta = 1 a Laplacian of scale alpha. Broadcasts its arguments.
+
+    Finite everywhere, computed in log space: alpha and beta are floored at the dtype's smallest
+    normal number and its machine epsilon (alpha -> 0 then costs -log(tiny) ~ 87 nats in float32,
+    not inf; lgamma(1 / beta) stays finite); the residual term is exp(beta * (log|x - mu| -
+    log alpha)), exactly 0 where x = mu (with a zero, not NaN, gradient there), and past the
+    exponent :data:`GG_EXPONENT_CAP` it continues linearly, so alpha -> 0 or a large beta give a
+    large finite loss whose gradient still points back (about exp(cap) beta / alpha in alpha:
+    finite in float32 down to alpha ~ 1e-16 beta; alpha below the floor gets none). Runs in
+    float32 (or float64) whatever autocast says (:func:`exact`).
+    """
+    info = torch.finfo(torch.promote_types(torch.promote_types(x.dtype, mu.dtype), alpha.dtype))
+    alpha = alpha.clamp_min(info.tiny)
+    beta = beta.clamp_min(info.eps)
+    residual = (x - mu).abs()
+    nonzero = residual > 0
+    log_ratio = torch.log(torch.where(nonzero, residual, torch.ones_like(residual))) - alpha.log()
+    z = beta * log_ratio
+    capped = torch.exp(z.clamp_max(GG_EXPONENT_CAP))
+    power = torch.where(
+        z > GG_EXPONENT_CAP, capped * (1 + z - GG_EXPONENT_CAP), capped
+    )  # (|x - mu| / alpha)^beta
+    power = torch.where(nonzero, power, torch.zeros_like(power))
+    return power - beta.log() + alpha.log() + math.log(2.0) + torch.lgamma(beta.reciprocal())
+
+
+@exact
+def generalized_gaussian_variance(alpha: Tensor, beta: Tensor) -> Tensor:
+    """Element-wise variance of the generalized Gaussian: alpha^2 Gamma(3/beta) / Gamma(1/beta)
+    (ProbVLM's aleatoric uncertainty). The Gamma ratio is taken in log space (lgamma), so it
+    overflows only where the variance itself exceeds the dtype (inf for beta below ~0.07 at
+    alpha = 1 in float32): beta -> inf gives alpha^2 / 3 (uniform on [mu - alpha, mu + alpha])."""
+    return alpha.square() * torch.exp(torch.lgamma(3.0 / beta) - torch.lgamma(1.0 / beta))
+
+
+@exact
+def generalized_gaussian_sample(
+    mu: Tensor, alpha: Tensor, beta: Tensor, num_samples: int = 1
+) -> Tensor:
+    """Draws x = mu + alpha * s * g^(1/beta) with g ~ Gamma(1/beta, 1) and a fair sign s (so that
+    (|x - mu| / alpha)^beta is Gamma(1/beta, 1)-distributed): [num_samples, *broadcast shape].
+    Uses the global RNG (``torch.manual_seed`` makes it reproducible)."""
+    mu, alpha, beta = torch.broadcast_tensors(mu, alpha, beta)
+    shape = (num_samples, *mu.shape)
+    gamma = torch.distributions.Gamma(beta.reciprocal(), torch.ones_like(beta)).sample(
+        (num_samples,)
+    )
+    sign = torch.randint(0, 2, shape, device=mu.device).to(mu.dtype) * 2 - 1
+    return mu + alpha * sign * gamma.pow(beta.reciprocal())
+
+
 __all__ = [
+    "GG_EXPONENT_CAP",
     "exact",
     "expected_distance",
+    "generalized_gaussian_nll",
+    "generalized_gaussian_sample",
+    "generalized_gaussian_variance",
     "kl_to_prior",
     "matched_expected_distance",
     "pairwise_sq_distance",

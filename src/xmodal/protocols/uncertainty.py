@@ -8,6 +8,8 @@ Every method writes its per-query uncertainties at test time to
   ``query, pair_id, reference, target, text, target_rank, uncertainty[, sigma_r2, ...]``;
 - uCLIP (``<subset>`` = ``i2t`` for image queries, ``t2i`` for caption queries):
   ``query, item, target_rank, uncertainty[, <method>, ...]``, uncertainty = -confidence;
+- ProbVLM (the same subsets): ``query, item, target_rank, uncertainty[, <kind>, ...]``, the
+  predicted variances (``method.uncertainty`` first, then ``method.compare``);
 - X-MoRe (``<subset>`` = ``images``): ``query, item, label, pred_image, pred_text, uncertainty,
   text``, the image- and text-modal uncertainties 1 - alpha and 1 - beta (eq. 1).
 
@@ -58,6 +60,22 @@ def relative_items(paths: Sequence[Any], root: Path | str) -> list[str]:
     """Query ids of image paths: each path relative to ``root`` (``data.root``), POSIX style."""
     root = os.path.abspath(root)
     return [Path(os.path.relpath(os.path.abspath(str(p)), root)).as_posix() for p in paths]
+
+
+def retrieval_items(
+    split: Any, root: Path | str, valid: Sequence[bool] | Tensor | None = None
+) -> dict[str, list[str]]:
+    """Query ids of an image-text split (``RetrievalSplit``), undecodable images (``valid``
+    False) and their captions left out as the evaluators drop them: ``i2t`` the images (path
+    relative to ``root``), ``t2i`` the captions (``<image>#<j>``, j-th caption of its image)."""
+    images = relative_items(split.image_paths, root)
+    keep = [True] * len(images) if valid is None else [bool(v) for v in valid]
+    captions, seen = [], {}
+    for image in split.caption_image:
+        j = seen[image] = seen.get(image, -1) + 1
+        if keep[image]:
+            captions.append(f"{images[image]}#{j}")
+    return {"i2t": [i for i, ok in zip(images, keep) if ok], "t2i": captions}
 
 
 def write_query_csv(

@@ -104,7 +104,7 @@ __all__ = [
     "write_world",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COCO captions_*2014.json and eccv_caption ground truth
 
 _WRITERS: dict[str, Callable[[Out, random.Random, WorldSize], Counts]] = {
     "coco": coco.write_coco,

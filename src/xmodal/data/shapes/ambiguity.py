@@ -42,12 +42,13 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from xmodal.data.ambiguity import CLEAR, FILE, FORMAT, Item
 from xmodal.data.shapes.captions import (
     _NUMBERS,
-    _POS_AT,
     _PREFIX,
+    Claim,
+    Mention,
     _article,
     _change,
     _join,
-    _noun,
+    _named,
     _refer,
     describe_change,
 )
@@ -179,65 +180,71 @@ def degrade(img: Image.Image, scene: Scene, item: Item) -> Image.Image:
 # -- captions ------------------------------------------------------------------------------------
 
 
-def specific_caption(scene: Scene, rng: random.Random) -> str:
+def specific_caption(scene: Scene, rng: random.Random) -> tuple[str, Claim]:
     """A caption naming every object with size, fill, colour, shape and place (and the
-    background): what a clear caption of the ambiguity world says."""
+    background), and its claim: what a clear caption of the ambiguity world says."""
     objs = list(scene.objects)
     rng.shuffle(objs)
     style = scene.style
-    parts = [
-        _article(_noun(o, style, rng, size_p=1.0)) + " " + rng.choice(_POS_AT[o.pos]) for o in objs
-    ]
-    body = rng.choice(_PREFIX.get(style, ("",))) + (_join(parts) if parts else "an empty scene")
+    named = [_named(o, style, rng, size_p=1.0, pos_p=1.0) for o in objs]
+    body = _join([text for text, _ in named]) if named else "an empty scene"
+    body = rng.choice(_PREFIX.get(style, ("",))) + body
+    background = None
     if style != "sketch" and scene.background != "grey":
         body += f" on a {scene.background} background"
-    return body
+        background = scene.background
+    mentions = tuple(m for _, m in named)
+    return body, Claim(style, mentions, None if named else 0, background=background)
 
 
-def _colour_shape(obj: SceneObject, style: str) -> str:
-    return obj.shape if style == "sketch" else f"{obj.colour} {obj.shape}"
+def _colour_shape(obj: SceneObject, style: str) -> tuple[str, Mention]:
+    if style == "sketch":
+        return _article(obj.shape), Mention(obj.shape)
+    return _article(f"{obj.colour} {obj.shape}"), Mention(obj.shape, obj.colour)
 
 
-def _one_attribute(obj: SceneObject, style: str, rng: random.Random) -> str:
+def _one_attribute(obj: SceneObject, style: str, rng: random.Random) -> tuple[str, Mention]:
     if style != "sketch" and rng.random() < 0.5:
-        return f"a {obj.colour} shape"
-    return _article(obj.shape)
+        return f"a {obj.colour} shape", Mention(None, obj.colour)
+    return _article(obj.shape), Mention(obj.shape)
 
 
-def vague_caption(scene: Scene, level: float, rng: random.Random) -> str:
+def vague_caption(scene: Scene, level: float, rng: random.Random) -> tuple[str, Claim]:
     """A caption that says less the higher ``level`` is (one of :data:`CAPTION_LEVELS`): colour
     and shape of every object (0.25), one of the two per object (0.5), the number of objects
-    (0.75), nothing (1)."""
+    (0.75), nothing (1); and its claim."""
     objs = list(scene.objects)
     rng.shuffle(objs)
     style = scene.style
-    if level <= 0.25 and objs:
-        return _join([_article(_colour_shape(o, style)) for o in objs])
     if level <= 0.5 and objs:
-        return _join([_one_attribute(o, style, rng) for o in objs])
+        named = [
+            _colour_shape(o, style) if level <= 0.25 else _one_attribute(o, style, rng)
+            for o in objs
+        ]
+        return _join([t for t, _ in named]), Claim(style, tuple(m for _, m in named))
     if level <= 0.75:
         n = len(objs)
-        return f"{_NUMBERS[n]} shape{'s' if n != 1 else ''}"
-    return rng.choice(("some shapes", "a picture of shapes", "shapes", "a few shapes"))
+        return f"{_NUMBERS[n]} shape{'s' if n != 1 else ''}", Claim(style, count=n)
+    text = rng.choice(("some shapes", "a picture of shapes", "shapes", "a few shapes"))
+    return text, Claim(style)
 
 
 def retrieval_item(
     rec: Recorder, folder: str, image_id: str, scene: Scene, n_captions: int
-) -> tuple[Item, list[str]]:
+) -> tuple[Item, list[tuple[str, Claim]]]:
     """Draw and record the ambiguity of an image-text item (COCO, Flickr30k): the image's
-    degradation and its ``n_captions`` captions (clear ones fully specific, others vague)."""
+    degradation and its ``n_captions`` captions with their claims (clear ones fully specific,
+    others vague)."""
     image = rec.draw(IMAGE_KINDS)
     rec.add(folder, image_id, image, IMAGE_KINDS)
     captions = []
     for j in range(n_captions):
         item = rec.draw(CAPTION_KINDS, CAPTION_LEVELS)
         rec.add(folder, f"{image_id}#{j}", item, CAPTION_KINDS)
-        text = (
-            specific_caption(scene, rec.rng)
-            if item.kind == CLEAR
-            else vague_caption(scene, item.level, rec.rng)
-        )
-        captions.append(text)
+        if item.kind == CLEAR:
+            captions.append(specific_caption(scene, rec.rng))
+        else:
+            captions.append(vague_caption(scene, item.level, rec.rng))
     return image, captions
 
 
@@ -386,5 +393,5 @@ def write_pool(out: Any, rec: Recorder, count: int) -> list[tuple[str, str]]:
         if noisy and count > 1:
             source = scenes[rec.rng.choice([j for j in range(count) if j != i])]
         rec.add("pool", path, Item(1.0, "noise") if noisy else Item(0.0), POOL_KINDS)
-        rows.append((path, specific_caption(source, rec.rng)))
+        rows.append((path, specific_caption(source, rec.rng)[0]))
     return rows

@@ -3,10 +3,11 @@ describe it (a CIRR-style instruction and a FashionIQ-style relative caption).""
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from xmodal.data.shapes.scenes import (
     COLOURS,
@@ -58,6 +59,80 @@ _PREFIX = {
 }
 
 
+_RELATIONS = {  # relation word -> (grid axis, sign): a is left of b when a.col < b.col
+    "to the left of": (0, -1),
+    "to the right of": (0, 1),
+    "above": (1, -1),
+    "below": (1, 1),
+}
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One object a caption names, with the attributes the caption states (None: not stated;
+    the ambiguity world's vague captions may name only a colour, "a red shape")."""
+
+    shape: str | None
+    colour: str | None = None
+    size: str | None = None
+    fill: str | None = None
+    pos: tuple[int, int] | None = None
+
+    def fits(self, obj: SceneObject) -> bool:
+        """Whether ``obj`` has every attribute this mention states."""
+        return (
+            self.shape in (None, obj.shape)
+            and self.colour in (None, obj.colour)
+            and self.size in (None, obj.size)
+            and self.fill in (None, obj.fill)
+            and self.pos in (None, obj.pos)
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one caption states about a scene, recorded when :func:`describe` writes it.
+
+    ``mentions``: the objects it names (distinct objects of the scene); ``count``: the exact
+    number of objects ("two shapes: ..."); ``more``: more objects than it names ("... among
+    other shapes"); ``relation``: where ``mentions[0]`` is relative to ``mentions[1]`` (a key of
+    the relation words, read geometrically: "above" = a higher row); ``background``: the
+    background it names; ``style``: the rendering style the caption was written for (a sketch's
+    captions name no colour). A list of objects states that they are there, not that nothing
+    else is.
+    """
+
+    style: str
+    mentions: tuple[Mention, ...] = ()
+    count: int | None = None
+    more: bool = False
+    relation: str | None = None
+    background: str | None = None
+
+    def holds(self, scene: Scene) -> bool:
+        """Whether the caption truly describes ``scene`` (the shapes world's ground truth)."""
+        objs = scene.objects
+        if scene.style != self.style or self.background not in (None, scene.background):
+            return False
+        if self.count is not None and len(objs) != self.count:
+            return False
+        if self.more and len(objs) <= len(self.mentions):
+            return False
+        options = [[o for o in objs if m.fits(o)] for m in self.mentions]
+        if not all(options):
+            return False
+        for chosen in itertools.product(*options):  # distinct objects, related as stated
+            if len(set(map(id, chosen))) == len(chosen) and self._related(chosen):
+                return True
+        return False
+
+    def _related(self, chosen: Sequence[SceneObject]) -> bool:
+        if self.relation is None:
+            return True
+        axis, sign = _RELATIONS[self.relation]
+        return sign * (chosen[0].pos[axis] - chosen[1].pos[axis]) > 0
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
@@ -66,24 +141,42 @@ def _join(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _noun(obj: SceneObject, style: str, rng: random.Random, size_p: float = 0.5) -> str:
-    """'large striped red circle' (no article); sketches show no colour, so name none."""
+def _named(
+    obj: SceneObject, style: str, rng: random.Random, size_p: float = 0.5, pos_p: float = 0.0
+) -> tuple[str, Mention]:
+    """'large striped red circle' (no article; with ``pos_p`` sometimes 'a ... on the left')
+    and what it states; sketches show no colour, so name none."""
     words = []
+    size = fill = colour = pos = None
     if rng.random() < size_p:
         words.append(rng.choice(_SIZE_WORDS[obj.size]))
+        size = obj.size
     if style == "plain" and obj.fill != "solid":
         words.append(_FILL_WORDS[obj.fill])
+        fill = obj.fill
     if style != "sketch":
         words.append(obj.colour)
+        colour = obj.colour
     words.append(obj.shape)
-    return " ".join(words)
+    text = " ".join(words)
+    if pos_p:
+        text = _article(text)
+        if rng.random() < pos_p:
+            text += " " + rng.choice(_POS_AT[obj.pos])
+            pos = obj.pos
+    return text, Mention(obj.shape, colour, size, fill, pos)
 
 
-def _phrase(obj: SceneObject, style: str, rng: random.Random, pos_p: float = 0.4) -> str:
-    text = _article(_noun(obj, style, rng))
-    if rng.random() < pos_p:
-        text += " " + rng.choice(_POS_AT[obj.pos])
-    return text
+def _noun(obj: SceneObject, style: str, rng: random.Random, size_p: float = 0.5) -> str:
+    return _named(obj, style, rng, size_p)[0]
+
+
+def _phrases(
+    objs: Sequence[SceneObject], style: str, rng: random.Random, pos_p: float = 0.4
+) -> tuple[str, tuple[Mention, ...]]:
+    """'a red circle on the left and a blue star' and the mentions it states."""
+    named = [_named(obj, style, rng, pos_p=pos_p) for obj in objs]
+    return _join([text for text, _ in named]), tuple(mention for _, mention in named)
 
 
 def _relation(a: SceneObject, b: SceneObject) -> str:
@@ -93,6 +186,57 @@ def _relation(a: SceneObject, b: SceneObject) -> str:
     return "above" if a.pos[1] < b.pos[1] else "below"
 
 
+def describe_with_claim(scene: Scene, rng: random.Random) -> tuple[str, Claim]:
+    """:func:`describe`'s caption and the :class:`Claim` it makes (the same random draws)."""
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    n = len(objs)
+    style = scene.style
+    mentions: tuple[Mention, ...] = ()
+    count = relation = background = None
+    more = False
+    if n == 0:
+        body = "an empty background"
+        mode = "list"
+        count = 0
+    else:
+        modes = ["list", "list", "there"] + (["count", "subset", "relation"] if n > 1 else [])
+        mode = rng.choice(modes)
+        if mode == "list":
+            body, mentions = _phrases(objs, style, rng)
+        elif mode == "there":
+            body, mentions = _phrases(objs, style, rng)
+            body = "there is " + body
+        elif mode == "count":
+            sep = rng.choice((": ", ", "))
+            body, mentions = _phrases(objs, style, rng)
+            body = f"{_NUMBERS[n]} shapes{sep}" + body
+            count = n
+        elif mode == "subset":
+            k = rng.randint(1, n - 1)
+            rest = rng.choice(("", " among other shapes", " with more shapes around"))
+            body, mentions = _phrases(objs[:k], style, rng)
+            body += rest
+            more = bool(rest)
+        else:
+            a, b = objs[0], objs[1]
+            noun_a, mention_a = _named(a, style, rng)
+            relation = _relation(a, b)
+            noun_b, mention_b = _named(b, style, rng)
+            body = f"{_article(noun_a)} {relation} {_article(noun_b)}"
+            mentions = (mention_a, mention_b)
+    if mode != "there":
+        body = rng.choice(_PREFIX.get(style, ("",))) + body
+    if style != "sketch" and scene.background != "grey" and rng.random() < 0.5:
+        body += f" on a {scene.background} background"
+        background = scene.background
+    if rng.random() < 0.5:
+        body = body[0].upper() + body[1:]
+    if rng.random() < 0.3:
+        body += "."
+    return body, Claim(style, mentions, count, more, relation, background)
+
+
 def describe(scene: Scene, rng: random.Random) -> str:
     """One true caption of ``scene`` in a randomly chosen phrasing.
 
@@ -100,56 +244,26 @@ def describe(scene: Scene, rng: random.Random) -> str:
     size, position, background, prefix, capitalisation and final period, so that repeated calls give
     several distinct captions of one image, like the 5 human captions of COCO.
     """
-    objs = list(scene.objects)
-    rng.shuffle(objs)
-    n = len(objs)
-    style = scene.style
-    if n == 0:
-        body = "an empty background"
-        mode = "list"
-    else:
-        modes = ["list", "list", "there"] + (["count", "subset", "relation"] if n > 1 else [])
-        mode = rng.choice(modes)
-        if mode == "list":
-            body = _join([_phrase(o, style, rng) for o in objs])
-        elif mode == "there":
-            body = "there is " + _join([_phrase(o, style, rng) for o in objs])
-        elif mode == "count":
-            sep = rng.choice((": ", ", "))
-            body = f"{_NUMBERS[n]} shapes{sep}" + _join([_phrase(o, style, rng) for o in objs])
-        elif mode == "subset":
-            k = rng.randint(1, n - 1)
-            rest = rng.choice(("", " among other shapes", " with more shapes around"))
-            body = _join([_phrase(o, style, rng) for o in objs[:k]]) + rest
-        else:
-            a, b = objs[0], objs[1]
-            body = (
-                f"{_article(_noun(a, style, rng))} {_relation(a, b)} "
-                f"{_article(_noun(b, style, rng))}"
-            )
-    if mode != "there":
-        body = rng.choice(_PREFIX.get(style, ("",))) + body
-    if style != "sketch" and scene.background != "grey" and rng.random() < 0.5:
-        body += f" on a {scene.background} background"
-    if rng.random() < 0.5:
-        body = body[0].upper() + body[1:]
-    if rng.random() < 0.3:
-        body += "."
-    return body
+    return describe_with_claim(scene, rng)[0]
+
+
+def described_captions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, Claim]]:
+    """``n`` captions of one scene with their claims, distinct where the phrasings allow it."""
+    out: list[tuple[str, Claim]] = []
+    for _ in range(40 * n):
+        cap, claim = describe_with_claim(scene, rng)
+        if cap.lower().rstrip(".") not in {c.lower().rstrip(".") for c, _ in out}:
+            out.append((cap, claim))
+        if len(out) == n:
+            return out
+    while len(out) < n:
+        out.append(describe_with_claim(scene, rng))
+    return out
 
 
 def distinct_captions(scene: Scene, rng: random.Random, n: int) -> list[str]:
     """``n`` captions of one scene, distinct where the phrasings allow it."""
-    out: list[str] = []
-    for _ in range(40 * n):
-        cap = describe(scene, rng)
-        if cap.lower().rstrip(".") not in {c.lower().rstrip(".") for c in out}:
-            out.append(cap)
-        if len(out) == n:
-            return out
-    while len(out) < n:
-        out.append(describe(scene, rng))
-    return out
+    return [caption for caption, _ in described_captions(scene, rng, n)]
 
 
 def tokens(text: str) -> list[str]:
