@@ -11,14 +11,15 @@ def section(demo) -> None:
         f"  pretraining: val R@1 (mean of both directions) = {pretrain['val/R@1']:.1f} in the "
         f"last epoch, {pretrain['val/best/R@1']:.1f} at the best checkpoint (exported and tested)"
     )
+    labels = {
+        "shapes/retrieval_untrained": "tiny CLIP, random init",
+        "shapes/retrieval": "tiny CLIP, pretrained",
+    }
     rows = []
-    for label, exp in [
-        ("tiny CLIP, random init", "shapes/retrieval_untrained"),
-        ("tiny CLIP, pretrained", "shapes/retrieval"),
-    ]:
-        m = demo.run("eval", [f"experiment={exp}"])
+    for (exp,), m in demo.sweep("eval", {"experiment": list(labels)}).items():
         rows.append(
-            [label] + [f"{m[f'test/{d}/R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+            [labels[exp]]
+            + [f"{m[f'test/{d}/R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
         )
     n_img, n_txt = m["test/num_images"], m["test/num_texts"]
     # a random ranking puts a caption's image (t2i), or one of an image's ~n_txt/n_img captions

@@ -16,12 +16,10 @@ def _cell(value: float) -> str:
 
 
 def section(demo) -> None:
-    runs = {"MCD": ["experiment=uclip/shapes_mcd"]}
-    metrics = {"MCD": demo.run("eval", runs["MCD"])}
-    for seed in (1, 2):
-        demo.run("train", ["experiment=uclip/shapes_ens_member", f"seed={seed}"])
-    runs["Ens."] = ["experiment=uclip/shapes_ens"]
-    metrics["Ens."] = demo.run("eval", runs["Ens."])
+    demo.sweep("train", {"experiment": ["uclip/shapes_ens_member"], "seed": ["1", "2"]})
+    runs = {"MCD": "uclip/shapes_mcd", "Ens.": "uclip/shapes_ens"}
+    evals = demo.sweep("eval", {"experiment": list(runs.values())})
+    metrics = {sampler: evals[(exp,)] for sampler, exp in runs.items()}
     rows = []
     for sampler, m in metrics.items():
         for method in METHODS:
@@ -44,7 +42,7 @@ def section(demo) -> None:
         ["sampler", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10"],
         recall,
     )
-    for sampler, overrides in runs.items():
-        run_dir = demo.run_dir("eval", overrides)
+    for sampler, exp in runs.items():
+        run_dir = demo.run_dir("eval", [f"experiment={exp}"])
         for name in ("calibration.png", "rejection.png"):
             print(f"  {sampler} plot: {run_dir / name}")

@@ -10,9 +10,11 @@ uCLIP calibration metrics.
 
 def section(demo) -> None:
     fiq, cirr = {}, {}
+    experiments = {"experiment": ["ruir/shapes_fashioniq", "ruir/shapes_cirr"]}
     for label, extra in [("untrained", ["trainer.max_epochs=0"]), ("trained", [])]:
-        fiq[label] = demo.run("train", ["experiment=ruir/shapes_fashioniq", *extra])
-        cirr[label] = demo.run("train", ["experiment=ruir/shapes_cirr", *extra])
+        runs = demo.sweep("train", experiments, extra)
+        fiq[label] = runs[("ruir/shapes_fashioniq",)]
+        cirr[label] = runs[("ruir/shapes_cirr",)]
 
     cats = ("dress", "shirt", "toptee")
     header = ["RUIR (tiny CLIP)"] + [f"{c} R@{k}" for c in cats for k in (10, 50)]

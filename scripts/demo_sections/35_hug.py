@@ -8,9 +8,11 @@ untrained row is the same model tested before any training step (`trainer.max_ep
 
 def section(demo) -> None:
     fiq, cirr = {}, {}
+    experiments = {"experiment": ["hug/shapes_fashioniq", "hug/shapes_cirr"]}
     for label, extra in [("untrained", ["trainer.max_epochs=0"]), ("trained", [])]:
-        fiq[label] = demo.run("train", ["experiment=hug/shapes_fashioniq", *extra])
-        cirr[label] = demo.run("train", ["experiment=hug/shapes_cirr", *extra])
+        runs = demo.sweep("train", experiments, extra)
+        fiq[label] = runs[("hug/shapes_fashioniq",)]
+        cirr[label] = runs[("hug/shapes_cirr",)]
 
     cats = ("dress", "shirt", "toptee")
     header = ["HUG (tiny BLIP-2)"] + [f"{c} R@{k}" for c in cats for k in (10, 50)]

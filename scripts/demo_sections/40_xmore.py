@@ -13,14 +13,6 @@ orders (seeds 0-2) with the paper's min-max normaliser.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from xmodal.runs import is_finished, read_metrics
-
-REPO = Path(__file__).resolve().parents[2]
 COOP = (
     "oxford_flowers",
     "dtd",
@@ -40,19 +32,13 @@ COLUMNS = ("image", "text", "equal", "xmore")
 def section(demo) -> None:
     rows = []
     for experiment, datasets in (("xmore/shapes_coop", COOP), ("xmore/shapes_imagenet", IMAGENET)):
-        sweep = [f"experiment={experiment}", "data=" + ",".join(f"shapes_{d}" for d in datasets)]
+        axes = {"experiment": [experiment], "data": [f"shapes_{d}" for d in datasets]}
         quiet = ["trainer.enable_progress_bar=false"]  # 15 small runs: no progress bars
-        print(f"\n$ xmodal-eval -m {' '.join(sweep + demo.extra)}", flush=True)
-        t0 = time.time()
-        cmd = [sys.executable, "-m", "xmodal.cli.eval", "-m", *sweep, *quiet, *demo.extra]
-        subprocess.run(cmd, check=True, cwd=REPO)
-        print(f"  ({time.time() - t0:.0f} s)", flush=True)
-        for name in datasets:
-            run_dir = demo.run_dir("eval", [f"experiment={experiment}", f"data=shapes_{name}"])
-            if not is_finished(run_dir):
+        for (_, data), m in demo.sweep("eval", axes, quiet, check=False).items():
+            name = data.removeprefix("shapes_")
+            if m is None:
                 rows.append([name, "failed: see the log above", *[""] * (len(COLUMNS) + 1)])
                 continue
-            m = read_metrics(run_dir)
             accuracies = [f"{m[f'test/acc/{c}']:.1f}" for c in COLUMNS]
             rows.append([name, m["test/num_evaluated"], m["test/num_skipped"], *accuracies])
     demo.table(

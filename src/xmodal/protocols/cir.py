@@ -24,6 +24,7 @@ The metric keys and the CSV layout are documented once, in ``docs/cir.md``.
 
 from __future__ import annotations
 
+import abc
 import csv
 import io
 import json
@@ -226,7 +227,7 @@ def uncertainty_csv(
 # ----------------------------------------------------------------------------- the LightningModule
 
 
-class CIRModule(pl.LightningModule):
+class CIRModule(pl.LightningModule, abc.ABC):
     """Validation and test of a CIR method under the official protocols (see the module docs).
 
     A subclass sets :attr:`scoring`, :attr:`export_uncertainty` and :attr:`run_dir` and implements
@@ -246,21 +247,21 @@ class CIRModule(pl.LightningModule):
         self._query_seconds, self._local_queries = 0.0, 0
 
     # -- what a method supplies --------------------------------------------------------------
+    @abc.abstractmethod
     def encode_gallery(self, pixels: Tensor) -> dict[str, Tensor]:
         """Per-image outputs ``{name: [B, ...]}`` of one batch of gallery images."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_queries(self, *inputs: Any) -> dict[str, Tensor]:
         """Per-query outputs ``{name: [B, ...]}`` of one batch of queries: ``(tokens,)``, or
         ``(reference pixels, tokens)`` when the datamodule has ``query_images=True``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def embed(
         self, gallery: dict[str, Tensor], queries: dict[str, Tensor], reference: Tensor
     ) -> Embedded:
         """From one subset's gathered outputs (``reference`` [Q]: each query's reference as a
         gallery index), what :attr:`scoring` ranks and the per-query uncertainty."""
-        raise NotImplementedError
 
     # -- Lightning hooks ---------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
