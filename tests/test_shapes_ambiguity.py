@@ -383,9 +383,17 @@ def test_data_option_writes_the_ambiguity_world_to_its_own_folder(xmodal_env):
     )
     assert noisy.evaluator.index.collection == default.data.shapes_dir + "-ambiguity-noise0.25/pool"
     assert noisy.evaluator.index.folder.endswith("shapes-ambiguity-noise0.25_pool")
+    default_dir = Path(default.data.shapes_dir)
+
+    def snapshot() -> dict:  # the default world (other tests may have written it): left alone
+        if not default_dir.exists():
+            return {}
+        return {p: p.stat().st_mtime_ns for p in default_dir.rglob("*")}
+
+    before = snapshot()
     ensure_shapes_world(cfg.data, cfg.paths.shapes_dir)
     assert load(Path(cfg.data.shapes_dir) / "MANIFEST.json")["ambiguity"]["pool_noise"] == 0.0
     assert (Path(cfg.data.root) / "ambiguity.json").is_file()
-    assert not (Path(default.data.shapes_dir) / "MANIFEST.json").exists()  # nothing written there
+    assert snapshot() == before  # nothing written to the default world
     with pytest.raises(Exception, match="shapes_ambiguity=true"):
         compose("eval", ["experiment=xmore/shapes_coop", "data.shapes_pool_noise=0.25"])
