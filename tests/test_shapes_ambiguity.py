@@ -34,7 +34,8 @@ CATS = ("dress", "shirt", "toptee")
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("ambiguity")
     write_world(base / "default", seed=0, size="small")
-    write_world(base / "ambiguity", seed=0, size="small", ambiguity=True)
+    # training splits ambiguous too, so that every split's items are measured back below
+    write_world(base / "ambiguity", seed=0, size="small", ambiguity={"train": True})
     return base / "default", base / "ambiguity"
 
 
@@ -78,7 +79,7 @@ def test_default_world_has_no_sidecar_and_ambiguity_false_is_the_default(worlds,
 
 def test_same_seed_same_bytes_and_the_draws_follow_the_seed(worlds, tmp_path):
     _, amb = worlds
-    write_world(tmp_path / "again", seed=0, size="small", ambiguity=Ambiguity())
+    write_world(tmp_path / "again", seed=0, size="small", ambiguity=Ambiguity(train=True))
     assert digest(tmp_path / "again") == digest(amb)
     draws = {
         seed: [Out(tmp_path, Ambiguity(), seed).recorder("coco").draw(["blur"]) for _ in range(20)]
@@ -89,11 +90,57 @@ def test_same_seed_same_bytes_and_the_draws_follow_the_seed(worlds, tmp_path):
 
 def test_manifest_records_the_ambiguity(worlds, noisy):
     _, amb = worlds
-    assert load(amb / "MANIFEST.json")["ambiguity"] == {"fraction": 0.5, "pool_noise": 0.0}
-    assert load(noisy / "MANIFEST.json")["ambiguity"] == {"fraction": 0.5, "pool_noise": 0.5}
+    assert load(amb / "MANIFEST.json")["ambiguity"] == {
+        "fraction": 0.5,
+        "pool_noise": 0.0,
+        "train": True,
+    }
+    assert load(noisy / "MANIFEST.json")["ambiguity"] == {
+        "fraction": 0.5,
+        "pool_noise": 0.5,
+        "train": False,
+    }
     assert load(noisy / "pool" / "ambiguity.json")["pool_noise"] == 0.5
     with pytest.raises(ValueError, match="pool_noise"):
         write_world(noisy.parent / "bad", ambiguity={"pool_noise": 1.5})
+
+
+def _ambiguous_share(items: dict, ids) -> float:
+    ids = list(ids)
+    assert ids
+    return float(np.mean([items[i].level > 0 for i in ids]))
+
+
+def test_training_splits_stay_clear_unless_asked(worlds, noisy):
+    """By default (``noisy`` has ``train=False``) every training item is clear and about half of
+    the evaluation items are ambiguous; ``train=True`` (``worlds``) makes both about half."""
+    _, amb = worlds
+    for world, train in ((amb, True), (noisy, False)):
+        cirr = read_sidecar(world / "cirr" / "ambiguity.json")
+        coco = read_sidecar(world / "coco" / "ambiguity.json")
+        fiq = read_sidecar(world / "fashioniq" / "ambiguity.json")
+        split = {
+            (s, "cirr"): [i for i in cirr if i.startswith("train-") == (s == "train")]
+            for s in ("train", "eval")
+        }
+        karpathy = load(world / "coco" / "dataset_coco.json")["images"]
+        for s, names in (("train", ("train", "restval")), ("eval", ("val", "test"))):
+            images = [
+                f"{im['filepath']}/{im['filename']}" for im in karpathy if im["split"] in names
+            ]
+            split[s, "coco"] = [i for i in coco if i.split("#")[0] in set(images)]
+            split[s, "fashioniq"] = [
+                f"{t['candidate']}>{t['target']}"
+                for cat in CATS
+                for t in load(
+                    world
+                    / f"fashioniq/captions/cap.{cat}.{'train' if s == 'train' else 'val'}.json"
+                )
+            ]
+        for dataset, items in (("cirr", cirr), ("coco", coco), ("fashioniq", fiq)):
+            assert 0.25 < _ambiguous_share(items, split["eval", dataset]) < 0.75, dataset
+            share = _ambiguous_share(items, split["train", dataset])
+            assert (0.25 < share < 0.75) if train else share == 0.0, (dataset, train, share)
 
 
 def test_every_dataset_has_a_sidecar_with_levels_in_range(worlds):
@@ -395,5 +442,16 @@ def test_data_option_writes_the_ambiguity_world_to_its_own_folder(xmodal_env):
     assert load(Path(cfg.data.shapes_dir) / "MANIFEST.json")["ambiguity"]["pool_noise"] == 0.0
     assert (Path(cfg.data.root) / "ambiguity.json").is_file()
     assert snapshot() == before  # nothing written to the default world
+    trained = compose(
+        "train",
+        [
+            "experiment=hug/shapes_cirr",
+            "data.shapes_ambiguity=true",
+            "data.shapes_ambiguity_train=true",
+        ],
+    )
+    assert trained.data.shapes_dir == default.data.shapes_dir + "-ambiguity-train"
     with pytest.raises(Exception, match="shapes_ambiguity=true"):
         compose("eval", ["experiment=xmore/shapes_coop", "data.shapes_pool_noise=0.25"])
+    with pytest.raises(Exception, match="shapes_ambiguity=true"):
+        compose("train", ["experiment=hug/shapes_cirr", "data.shapes_ambiguity_train=true"])

@@ -118,22 +118,29 @@ def _run_name(experiment: str | None) -> str:
     return str(experiment) if experiment not in (None, "None", "null", "") else "default"
 
 
-def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0) -> str:
-    """The suffix of the shapes world's folder: "" (default world), "-ambiguity", or
-    "-ambiguity-noise<p>" (``data.shapes_ambiguity``, ``data.shapes_pool_noise``)."""
+def _flag(name: str, value: Any) -> bool:
+    if str(value).lower() not in ("true", "false", "none", "0", "1"):
+        raise ConfigError(f"data.{name} must be true or false, got {value!r}")
+    return str(value).lower() in ("true", "1")
+
+
+def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0, train: Any = False) -> str:
+    """The suffix of the shapes world's folder: "" (default world), or "-ambiguity" followed by
+    "-noise<p>" and "-train" when set (``data.shapes_ambiguity``, ``data.shapes_pool_noise``,
+    ``data.shapes_ambiguity_train``)."""
     noise = float(pool_noise or 0.0)
-    if str(ambiguity).lower() not in ("true", "false", "none", "0", "1"):
-        raise ConfigError(f"data.shapes_ambiguity must be true or false, got {ambiguity!r}")
-    if str(ambiguity).lower() not in ("true", "1"):
-        if noise:
-            raise ConfigError(
-                f"data.shapes_pool_noise={noise} only applies to the ambiguity world: add "
-                "data.shapes_ambiguity=true"
-            )
+    ambiguous, train = _flag("shapes_ambiguity", ambiguity), _flag("shapes_ambiguity_train", train)
+    if not ambiguous:
+        for name, value in (("shapes_pool_noise", noise), ("shapes_ambiguity_train", train)):
+            if value:
+                raise ConfigError(
+                    f"data.{name}={value} only applies to the ambiguity world: add "
+                    "data.shapes_ambiguity=true"
+                )
         return ""
     if not 0.0 <= noise <= 1.0:
         raise ConfigError(f"data.shapes_pool_noise must be in [0, 1], got {noise}")
-    return "-ambiguity" + (f"-noise{noise:g}" if noise else "")
+    return "-ambiguity" + (f"-noise{noise:g}" if noise else "") + ("-train" if train else "")
 
 
 def _register_resolvers() -> None:
@@ -187,7 +194,8 @@ class DataConfig:
     shapes_world: str | None = None  # small | medium: write the shapes world here if missing
     shapes_ambiguity: bool = False  # the ambiguity world (per-item ambiguity.json) instead
     shapes_pool_noise: float = 0.0  # ambiguity world: share of X-MoRe pool captions that are wrong
-    shapes_variant: str = ""  # "", "-ambiguity" or "-ambiguity-noise<p>" (xmodal.shapes_variant)
+    shapes_ambiguity_train: bool = False  # ambiguity world: training splits ambiguous too
+    shapes_variant: str = ""  # "", "-ambiguity[-noise<p>][-train]" (xmodal.shapes_variant)
     shapes_dir: str | None = None  # the shapes world read: paths.shapes_dir + shapes_variant
     batch_size: int = 64
     num_workers: int = 0

@@ -36,7 +36,10 @@ def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int 
 
     shapes_dir = data_cfg.get("shapes_dir") or shapes_dir
     ambiguity = (
-        {"pool_noise": float(data_cfg.get("shapes_pool_noise") or 0.0)}
+        {
+            "pool_noise": float(data_cfg.get("shapes_pool_noise") or 0.0),
+            "train": bool(data_cfg.get("shapes_ambiguity_train")),
+        }
         if data_cfg.get("shapes_ambiguity")
         else False
     )

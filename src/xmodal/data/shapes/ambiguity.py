@@ -79,10 +79,15 @@ _GREY = (128, 128, 128)
 @dataclass(frozen=True)
 class Ambiguity:
     """What the ambiguity world injects: ``fraction`` of the items of every dataset get a kind and a
-    level > 0; ``pool_noise`` of the X-MoRe pool captions belong to another image."""
+    level > 0; ``pool_noise`` of the X-MoRe pool captions belong to another image. ``train``: the
+    training splits get ambiguity too; by default they stay clear, so a model is trained on clean
+    data and its uncertainty is asked to flag the ambiguous evaluation queries (trained on
+    conflicting pairs labelled as matches, HUG learns to call them coordinated: docs/ambiguity.md).
+    """
 
     fraction: float = 0.5
     pool_noise: float = 0.0
+    train: bool = False
 
     def __post_init__(self) -> None:
         for name in ("fraction", "pool_noise"):
@@ -90,8 +95,8 @@ class Ambiguity:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ambiguity {name} must be in [0, 1], got {value}")
 
-    def record(self) -> dict[str, float]:
-        return {"fraction": self.fraction, "pool_noise": self.pool_noise}
+    def record(self) -> dict[str, float | bool]:
+        return {"fraction": self.fraction, "pool_noise": self.pool_noise, "train": self.train}
 
 
 def draw_level(rng: random.Random, kind: str) -> float:
@@ -114,10 +119,19 @@ class Recorder:
         self._items: dict[str, dict[str, dict[str, object]]] = {}
         self._kinds: dict[str, set[str]] = {}
 
-    def draw(self, kinds: Sequence[str], levels: Sequence[float] | None = None) -> Item:
-        """Clear with probability 1 - fraction, else a kind of ``kinds`` and its level (from
-        ``levels`` when given)."""
-        if self.rng.random() >= self.spec.fraction:
+    def clear(self, training: bool) -> bool:
+        """Whether the next item is clear: always for a training item (unless ``spec.train``),
+        else with probability 1 - fraction."""
+        if training and not self.spec.train:
+            return True
+        return self.rng.random() >= self.spec.fraction
+
+    def draw(
+        self, kinds: Sequence[str], levels: Sequence[float] | None = None, training: bool = False
+    ) -> Item:
+        """Clear (:meth:`clear`), else a kind of ``kinds`` and its level (from ``levels`` when
+        given); ``training``: the item belongs to a training split."""
+        if self.clear(training):
             return Item(0.0)
         kind = self.rng.choice(list(kinds))
         level = self.rng.choice(list(levels)) if levels else draw_level(self.rng, kind)
@@ -230,16 +244,21 @@ def vague_caption(scene: Scene, level: float, rng: random.Random) -> tuple[str, 
 
 
 def retrieval_item(
-    rec: Recorder, folder: str, image_id: str, scene: Scene, n_captions: int
+    rec: Recorder,
+    folder: str,
+    image_id: str,
+    scene: Scene,
+    n_captions: int,
+    training: bool = False,
 ) -> tuple[Item, list[tuple[str, Claim]]]:
     """Draw and record the ambiguity of an image-text item (COCO, Flickr30k): the image's
     degradation and its ``n_captions`` captions with their claims (clear ones fully specific,
-    others vague)."""
-    image = rec.draw(IMAGE_KINDS)
+    others vague); ``training``: the item is in a training split."""
+    image = rec.draw(IMAGE_KINDS, training=training)
     rec.add(folder, image_id, image, IMAGE_KINDS)
     captions = []
     for j in range(n_captions):
-        item = rec.draw(CAPTION_KINDS, CAPTION_LEVELS)
+        item = rec.draw(CAPTION_KINDS, CAPTION_LEVELS, training=training)
         rec.add(folder, f"{image_id}#{j}", item, CAPTION_KINDS)
         if item.kind == CLEAR:
             captions.append(specific_caption(scene, rec.rng))
@@ -248,9 +267,10 @@ def retrieval_item(
     return image, captions
 
 
-def classification_image(rec: Recorder, folder: str, image_id: str) -> Item:
-    """Draw and record the degradation of one classification test image."""
-    item = rec.draw(IMAGE_KINDS)
+def classification_image(rec: Recorder, folder: str, image_id: str, training: bool = False) -> Item:
+    """Draw and record the degradation of one classification image (``training``: of a training
+    split)."""
+    item = rec.draw(IMAGE_KINDS, training=training)
     rec.add(folder, image_id, item, IMAGE_KINDS)
     return item
 
@@ -339,12 +359,18 @@ def conflict_change(
 
 
 def cir_texts(
-    rec: Recorder, reference: Scene, target: Scene, texts: list[str], image: bool = False
+    rec: Recorder,
+    reference: Scene,
+    target: Scene,
+    texts: list[str],
+    image: bool = False,
+    training: bool = False,
 ) -> tuple[Item, list[str]]:
     """Draw the ambiguity of a composed-retrieval query: vague or conflicting texts, or (with
     ``image``) a degraded reference, one third each. Returns it as realised (a conflict that
-    cannot be made becomes vague) and the query's texts (``texts`` unless they changed)."""
-    if rec.rng.random() >= rec.spec.fraction:
+    cannot be made becomes vague) and the query's texts (``texts`` unless they changed);
+    ``training``: the query is in a training split."""
+    if rec.clear(training):
         return Item(0.0), texts
     kind = rec.rng.choice(("image", *CIR_KINDS) if image else CIR_KINDS)
     if kind == "image":

@@ -50,7 +50,9 @@ def write_cirr(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                 caption = describe_change(scenes[a], scenes[b], rng)[0]
                 ref, tgt = name[a], name[b]
                 if rec is not None:  # (ambiguity world) a vague or conflicting instruction
-                    item, texts = cir_texts(rec, scenes[a], scenes[b], [caption])
+                    item, texts = cir_texts(
+                        rec, scenes[a], scenes[b], [caption], training=split == "train"
+                    )
                     caption = texts[0]
                     rec.add(ROOT, cir_item(ref, tgt), item, CIR_KINDS)
                 entry = {

@@ -107,7 +107,10 @@ def write_coco(out: Out, rng: random.Random, size: WorldSize) -> Counts:
         degraded = None
         if rec is not None:  # claims of the ambiguity world's captions keep the positives true
             image_id = f"{folder}/{filename}"
-            degraded, described = retrieval_item(rec, "coco", image_id, scene, len(captions))
+            training = split in ("train", "restval")
+            degraded, described = retrieval_item(
+                rec, "coco", image_id, scene, len(captions), training
+            )
             captions, claims = [c for c, _ in described], [c for _, c in described]
         data = out.image(f"coco/{folder}/{filename}", scene, degraded)
         entry = {"filepath": folder, "filename": filename, "split": split, "cocoid": cocoid}
@@ -243,7 +246,8 @@ def write_flickr30k(out: Out, rng: random.Random, size: WorldSize) -> Counts:
         degraded = None
         if rec is not None:
             image_id = f"flickr30k-images/{filename}"
-            degraded, described = retrieval_item(rec, "flickr30k", image_id, scene, 5)
+            training = split == "train"
+            degraded, described = retrieval_item(rec, "flickr30k", image_id, scene, 5, training)
             captions = [c for c, _ in described]
         out.image(f"flickr30k/flickr30k-images/{filename}", scene, degraded)
         entry = _karpathy_entry(imgid, 5 * imgid, captions)

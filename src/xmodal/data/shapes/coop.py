@@ -192,7 +192,8 @@ def write_coop(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                     scene = class_scene(rng, **recipe)
                     item = None
                     if rec is not None:  # (ambiguity world) a degraded image
-                        item = classification_image(rec, folder, (base + rel)[len(folder) + 1 :])
+                        rel_id = (base + rel)[len(folder) + 1 :]
+                        item = classification_image(rec, folder, rel_id, part == "train")
                     out.image(base + rel, scene, item)
                     split[part].append([rel, label, classname])
         if name == "fgvc_aircraft":  # variants.txt + images_variant_<part>.txt, no json

@@ -43,13 +43,14 @@ def _ambiguous(
     swap: bool,
     copies: dict[str, tuple[Scene, Item]],
     copy_names: set[str],
+    training: bool,
 ) -> tuple[str, list[str]]:
     """(Ambiguity world) draw and record a triplet's ambiguity: its reference becomes a degraded
     copy under a new name ("B01..."), or its texts vague or conflicting. Returns the candidate
-    and the captions to write."""
+    and the captions to write; ``training``: the triplet is in the training split."""
     cand, tgt, reference, target = query
     texts = captions[::-1] if swap else captions  # (instruction, relative caption)
-    item, texts = cir_texts(rec, reference, target, texts, image=True)
+    item, texts = cir_texts(rec, reference, target, texts, image=True, training=training)
     if item.kind in IMAGE_KINDS:
         cand = _asin(rec.rng, copy_names, prefix="B01")
         copies[cand] = (reference, item)
@@ -85,7 +86,10 @@ def write_fashioniq(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                     captions = captions[::-1]
                 if rec is not None:
                     query = (cand, tgt, scenes[cand], target_scene)
-                    cand, captions = _ambiguous(rec, query, captions, swap, copies, copy_names)
+                    training = split == "train"
+                    cand, captions = _ambiguous(
+                        rec, query, captions, swap, copies, copy_names, training
+                    )
                 triplets.append({"target": tgt, "candidate": cand, "captions": captions})
             for _ in range(max(2, 2 * len(scenes) // 5)):  # split files hold extra images
                 scenes[_asin(rng, used)] = random_scene(
