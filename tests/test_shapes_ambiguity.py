@@ -23,9 +23,13 @@ from xmodal.data.shapes import COLOURS, SHAPES, Ambiguity, write_world
 from xmodal.data.shapes.ambiguity import (
     CAPTION_LEVELS,
     CONFLICT_LEVELS,
+    POOL_CLASS_SHARE,
     TEXT_LEVELS,
+    VERSION,
+    pool_scene,
 )
-from xmodal.data.shapes.world import Out
+from xmodal.data.shapes.pool import web_concepts
+from xmodal.data.shapes.world import SIZES, Out
 
 CATS = ("dress", "shirt", "toptee")
 
@@ -90,16 +94,10 @@ def test_same_seed_same_bytes_and_the_draws_follow_the_seed(worlds, tmp_path):
 
 def test_manifest_records_the_ambiguity(worlds, noisy):
     _, amb = worlds
-    assert load(amb / "MANIFEST.json")["ambiguity"] == {
-        "fraction": 0.5,
-        "pool_noise": 0.0,
-        "train": True,
-    }
-    assert load(noisy / "MANIFEST.json")["ambiguity"] == {
-        "fraction": 0.5,
-        "pool_noise": 0.5,
-        "train": False,
-    }
+    record = {"fraction": 0.5, "pool_noise": 0.0, "train": True, "version": VERSION}
+    assert load(amb / "MANIFEST.json")["ambiguity"] == record
+    noisy_record = {**record, "pool_noise": 0.5, "train": False}
+    assert load(noisy / "MANIFEST.json")["ambiguity"] == noisy_record
     assert load(noisy / "pool" / "ambiguity.json")["pool_noise"] == 0.5
     with pytest.raises(ValueError, match="pool_noise"):
         write_world(noisy.parent / "bad", ambiguity={"pool_noise": 1.5})
@@ -403,6 +401,68 @@ def test_pool_noise_is_recorded_and_the_clear_captions_stay_true(worlds, noisy):
     assert all(pairs(rows[k]) == pairs(truth[k]) for k in items if k not in noise)
     assert all(re.search(r"(large|big|small|little) ", rows[k]) for k in items)
     assert np.mean([pairs(rows[k]) == pairs(truth[k]) for k in noise]) < 0.2
+
+
+def shows(scene, recipe: dict) -> bool:
+    """Whether ``scene`` is a photo of the class ``recipe`` (:func:`class_scene` arguments): its
+    background is one the recipe allows, and enough objects hold every attribute the recipe fixes
+    (all of them, in place of the count, when the recipe allows no distractor)."""
+    if scene.background not in recipe.get("backgrounds", (scene.background,)):
+        return False
+    fixed = [k for k in ("shape", "colour", "size", "fill", "pos") if k in recipe]
+    main = [o for o in scene.objects if all(getattr(o, k) == recipe[k] for k in fixed)]
+    low, high = recipe.get("count", (1, 1))
+    if recipe.get("distractors") == (0, 0):
+        return len(main) == len(scene.objects) and low <= len(main) <= high
+    return low <= len(main) <= high
+
+
+def test_pool_draws_photos_of_every_class_and_unrelated_scenes():
+    import random
+
+    concepts = web_concepts()
+    imagenet = {(r["colour"], r["shape"]) for r in concepts[:48]}
+    assert len(imagenet) == 48 and len(concepts) == 48 + 59  # ImageNet's and the 10 CoOp sets'
+    rng = random.Random(0)
+    draws = [pool_scene(rng, concepts) for _ in range(8000)]
+    picked = [k for _, k in draws if k >= 0]
+    assert abs(len(picked) / len(draws) - POOL_CLASS_SHARE) < 0.02
+    assert set(picked) == set(range(len(concepts)))  # every class of every set, new draws
+    for scene, k in draws:
+        if k >= 0:
+            assert shows(scene, concepts[k]), (scene, concepts[k])
+    # nuisance: a class's photos vary in place, background, style and (when free) fill
+    car = concepts.index({"shape": "square", "colour": "red", "size": "large"})
+    cars = [s for s, k in draws if k == car]
+    assert len({s.background for s in cars}) > 1 and len({s.style for s in cars}) > 1
+    assert len({s.objects[0].pos for s in cars}) > 1 and len({s.objects[0].fill for s in cars}) > 1
+    unrelated = [s for s, k in draws if k < 0]
+    assert {len(s.objects) for s in unrelated} == {1, 2, 3}
+    # the same generator state gives the same pool, another one another
+    again = [pool_scene(random.Random(0), concepts) for _ in range(3)]
+    other = [pool_scene(random.Random(1), concepts) for _ in range(3)]
+    assert again[0] == draws[0] and again != other
+
+
+def test_pool_size_and_new_images(worlds):
+    _, amb = worlds
+    rows = pool_rows(amb)
+    size = SIZES["small"]
+    assert len(rows) == max(size.pool, round(107 * size.pool_per_class / POOL_CLASS_SHARE))
+    medium = SIZES["medium"]
+    assert medium.pool_per_class * 107 / POOL_CLASS_SHARE > medium.pool  # 128 photos per class
+    # the pool's photos are new draws: none is a test image of a classification set
+    pool = {(amb / "pool" / p).read_bytes() for p in rows}
+    tests = [p for p in amb.rglob("*.jpg") if p.parts[len(amb.parts)] not in ("pool", "coco")]
+    assert len(tests) > 500 and not any(p.read_bytes() in pool for p in tests)
+    # captions say what the image shows, never a class name of the CoOp sets' own style
+    from xmodal.data.coop import DATASETS
+    from xmodal.data.shapes.coop import _classes
+
+    names = [c for d in DATASETS for c, _, _ in _classes(d)]
+    names = {c.lower() for c in names if "_" in c or any(x.isdigit() for x in c)}
+    assert "2012 large red square" in names
+    assert not any(n in caption.lower() for caption in rows.values() for n in names)
 
 
 # ---------------------------------------------------------------- the data option

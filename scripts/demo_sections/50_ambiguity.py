@@ -3,15 +3,16 @@
 The ambiguity world (`data.shapes_ambiguity=true`, written to data/shapes-ambiguity) has the
 shapes world's scenes with a recorded ambiguity per item (ambiguity.json): degraded images (blur,
 occlusion, low contrast, clutter), vague captions, vague or conflicting modification texts, and an
-X-MoRe pool whose captions name the fine attributes of class-like images, a share of them wrong
+X-MoRe pool like a web index (photos of every class of the classification sets among unrelated
+scenes) whose captions name the fine attributes of what each image shows, a share of them wrong
 (`data.shapes_pool_noise`). Every run scores its per-query uncertainties against it: Spearman's
 rho with the level and AUROC of ambiguous (level >= 0.5) vs clear queries, per kind
 (`<subset>/[<column>/]ambiguity/<kind>/{spearman,auroc}` in metrics.json; `xmodal-table
 table=ambiguity_uclip`, `ambiguity_cir`, `ambiguity_xmore`). Chance is rho 0, AUROC 0.5.
 
 It takes several minutes on a laptop CPU (a second world, two CIR trainings, three X-MoRe
-indexes), so `make demo` skips it unless XMODAL_DEMO_AMBIGUITY=1 is set, or it is asked for:
-`python scripts/demo.py --only ambiguity`.
+indexes of 27,392 pool images each), so `make demo` skips it unless XMODAL_DEMO_AMBIGUITY=1 is
+set, or it is asked for: `python scripts/demo.py --only ambiguity`.
 """
 
 from __future__ import annotations

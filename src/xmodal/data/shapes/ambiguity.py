@@ -23,17 +23,18 @@ composed-retrieval texts (FashionIQ: both texts of a triplet; CIRR: the instruct
                the changed object with a colour the reference does not give it; 1 it names an
                object the reference does not hold (another colour and shape). Changes without an
                object in the reference (add, background) are made vague instead.
-X-MoRe pool (``pool/``): web-like images of the classification sets' concepts (one main object,
-sometimes a small distractor: :func:`pool_scene`) whose captions give every object's size, fill,
-colour, shape and place, the words the class names use; with probability ``pool_noise`` a caption
-is replaced by the caption of a random other pool image
+X-MoRe pool (``pool/``): a web index's analogue (:func:`pool_scene`): half of it new photos of
+every class of the classification sets (ImageNet's and the CoOp sets' recipes, with the nuisance of
+web photos: place, background, distractors, style, fill), half unrelated scenes, each captioned
+with every object's size, fill, colour, shape and place (never a class name); with probability
+``pool_noise`` a caption is replaced by the caption of a random other pool image
     noise      level 1: the caption belongs to another image
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,12 +57,13 @@ from xmodal.data.shapes.rendering import object_box
 from xmodal.data.shapes.scenes import (
     COLOURS,
     FILLS,
+    PALE_BACKGROUNDS,
     SHAPES,
-    SIZE_NAMES,
     STYLES,
     Scene,
     SceneObject,
     class_scene,
+    random_scene,
 )
 
 IMAGE_KINDS: tuple[str, ...] = ("blur", "occlusion", "contrast", "clutter")
@@ -73,6 +75,9 @@ CAPTION_LEVELS = (0.25, 0.5, 0.75, 1.0)
 TEXT_LEVELS = (round(1 / 3, 4), round(2 / 3, 4), 1.0)
 CONFLICT_LEVELS = (0.5, 1.0)
 IMAGE_LEVELS = (0.1, 1.0)
+#: what the ambiguity world's manifest records as its version, so that an older ambiguity world is
+#: rewritten: 2, the X-MoRe pool holds new photos of every class of the classification sets
+VERSION = 2
 _GREY = (128, 128, 128)
 
 
@@ -95,8 +100,13 @@ class Ambiguity:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ambiguity {name} must be in [0, 1], got {value}")
 
-    def record(self) -> dict[str, float | bool]:
-        return {"fraction": self.fraction, "pool_noise": self.pool_noise, "train": self.train}
+    def record(self) -> dict[str, float | bool | int]:
+        return {
+            "fraction": self.fraction,
+            "pool_noise": self.pool_noise,
+            "train": self.train,
+            "version": VERSION,
+        }
 
 
 def draw_level(rng: random.Random, kind: str) -> float:
@@ -388,28 +398,38 @@ def cir_texts(
 # -- the X-MoRe pool -------------------------------------------------------------------------------
 
 
-def pool_scene(rng: random.Random) -> Scene:
-    """A scene of the ambiguity world's pool, like the images of the classification sets: one
-    main object of a random colour, shape, size, fill and place (sometimes two or three of the same
-    shape), at most one small distractor, a pale background, mostly the plain style."""
+#: the share of the pool drawn from the classification sets' classes (the rest: unrelated scenes)
+POOL_CLASS_SHARE = 0.5
+
+
+def pool_scene(rng: random.Random, concepts: Sequence[Mapping[str, Any]]) -> tuple[Scene, int]:
+    """A scene of the ambiguity world's pool, like a web index's photos, and the concept it shows
+    (-1: none). With probability :data:`POOL_CLASS_SHARE` it is a new draw of one of ``concepts``
+    (the class recipes of the classification sets, :func:`class_scene` arguments), picked
+    uniformly, with the nuisance of web photos on top of what its recipe leaves free: place,
+    background and small distractors as the recipe allows, a drawing style (mostly plain) and, when
+    the recipe does not fix it, a fill pattern (mostly solid). Otherwise it is an unrelated random
+    scene of 1-3 objects (random fills, pale background, any style)."""
+    style = rng.choices(STYLES, weights=(14, 2, 2, 2))[0]
     fill = "solid" if rng.random() < 0.7 else rng.choice(FILLS[1:])
-    return class_scene(
-        rng,
-        shape=rng.choice(SHAPES),
-        colour=rng.choice(list(COLOURS)),
-        size=rng.choice(SIZE_NAMES),
-        fill=fill,
-        count=(1, 1) if rng.random() < 0.8 else (2, 3),
-        style=rng.choices(STYLES, weights=(14, 2, 2, 2))[0],
-    )
+    if rng.random() < POOL_CLASS_SHARE:
+        k = rng.randrange(len(concepts))
+        recipe = {"fill": fill, **concepts[k]}
+        return class_scene(rng, style=style, **recipe), k
+    fills = FILLS if fill != "solid" else ("solid",)
+    background = rng.choice(PALE_BACKGROUNDS)
+    return random_scene(rng, fills=fills, background=background, style=style), -1
 
 
-def write_pool(out: Any, rec: Recorder, count: int) -> list[tuple[str, str]]:
-    """The ambiguity world's X-MoRe pool: ``count`` class-like scenes (:func:`pool_scene`) with
-    informative captions (every object's size, fill, colour, shape and place), except that with
+def write_pool(
+    out: Any, rec: Recorder, count: int, concepts: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """The ambiguity world's X-MoRe pool: ``count`` web-like scenes (:func:`pool_scene`: half of
+    them new draws of the classification sets' ``concepts``) with informative captions (every
+    object's size, fill, colour, shape and place, never a class name), except that with
     probability ``pool_noise`` a caption is that of another pool image (kind ``noise``, level 1).
     Writes the images; returns the (image path, caption) rows; records every row by image path."""
-    scenes = [pool_scene(rec.rng) for _ in range(count)]
+    scenes = [pool_scene(rec.rng, concepts)[0] for _ in range(count)]
     rows = []
     for i, scene in enumerate(scenes):
         path = f"images/{i:06d}.jpg"

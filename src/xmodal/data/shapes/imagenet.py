@@ -10,9 +10,12 @@ from xmodal.data.shapes.ambiguity import classification_image
 from xmodal.data.shapes.scenes import COLOURS, SHAPES, Scene, class_scene
 from xmodal.data.shapes.world import Counts, Out, WorldSize
 
+#: (colour, shape) of every class ("red circle", ... 48 classes), before the labels are shuffled
+CLASSES: tuple[tuple[str, str], ...] = tuple((c, s) for s in SHAPES for c in COLOURS)
+
 
 def write_imagenet(out: Out, rng: random.Random, size: WorldSize) -> Counts:
-    classes = [(c, s) for s in SHAPES for c in COLOURS]  # "red circle", ... (48 classes)
+    classes = list(CLASSES)
     rng.shuffle(classes)
     n = len(classes)
     wnids = sorted(f"n{v:08d}" for v in rng.sample(range(1_000_000, 15_000_000), n))

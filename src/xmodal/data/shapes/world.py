@@ -29,6 +29,10 @@ class WorldSize:
     coop: tuple[int, int, int]  # images per class: train, val, test
     pool: int  # external image-caption pairs
     wds_shards: int = 2
+    #: the ambiguity world's pool holds this many new photos of every class of the classification
+    #: sets (and as many unrelated images), at least ``pool`` images in all. Medium: 128, X-MoRe's
+    #: K, so that (as in LAION) the K nearest index images of a query can all show its class
+    pool_per_class: int = 0
 
 
 SIZES: dict[str, WorldSize] = {
@@ -50,6 +54,7 @@ SIZES: dict[str, WorldSize] = {
         coop=(4, 2, 8),
         pool=2000,
         wds_shards=4,
+        pool_per_class=128,
     ),
 }
 
