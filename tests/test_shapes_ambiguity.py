@@ -25,11 +25,11 @@ from xmodal.data.shapes.ambiguity import (
     CONFLICT_LEVELS,
     POOL_CLASS_SHARE,
     TEXT_LEVELS,
-    VERSION,
     pool_scene,
 )
 from xmodal.data.shapes.pool import web_concepts
 from xmodal.data.shapes.world import SIZES, Out
+from xmodal.data.world_manifest import AMBIGUITY_VERSION
 
 CATS = ("dress", "shirt", "toptee")
 
@@ -94,7 +94,7 @@ def test_same_seed_same_bytes_and_the_draws_follow_the_seed(worlds, tmp_path):
 
 def test_manifest_records_the_ambiguity(worlds, noisy):
     _, amb = worlds
-    record = {"fraction": 0.5, "pool_noise": 0.0, "train": True, "version": VERSION}
+    record = {"fraction": 0.5, "pool_noise": 0.0, "train": True, "version": AMBIGUITY_VERSION}
     assert load(amb / "MANIFEST.json")["ambiguity"] == record
     noisy_record = {**record, "pool_noise": 0.5, "train": False}
     assert load(noisy / "MANIFEST.json")["ambiguity"] == noisy_record
@@ -515,3 +515,31 @@ def test_data_option_writes_the_ambiguity_world_to_its_own_folder(xmodal_env):
         compose("eval", ["experiment=xmore/shapes_coop", "data.shapes_pool_noise=0.25"])
     with pytest.raises(Exception, match="shapes_ambiguity=true"):
         compose("train", ["experiment=hug/shapes_cirr", "data.shapes_ambiguity_train=true"])
+
+
+def test_a_world_this_xmodal_would_rewrite_makes_its_finished_runs_stale(noisy, tmp_path):
+    """The "finished, skipping" path reads the world's manifest (no generator import): a world of
+    an older generator, or another ambiguity, is rewritten before the run, so the run is redone."""
+    from omegaconf import OmegaConf
+
+    from xmodal.data.world_manifest import outdated_world
+
+    data = OmegaConf.create(
+        {
+            "shapes_world": "small",
+            "shapes_dir": str(noisy),
+            "shapes_ambiguity": True,
+            "shapes_pool_noise": 0.5,
+            "shapes_ambiguity_train": False,
+        }
+    )
+    assert outdated_world(data) is None
+    assert outdated_world({**data, "shapes_world": None}) is None  # a real dataset: not checked
+    assert "not the one this xmodal writes" in outdated_world({**data, "shapes_pool_noise": 0.25})
+    assert outdated_world({**data, "shapes_ambiguity_train": True}) is not None
+    older = load(noisy / "MANIFEST.json")
+    older["ambiguity"]["version"] -= 1  # written before the web-like pool
+    (tmp_path / "MANIFEST.json").write_text(json.dumps(older))
+    reason = outdated_world({**data, "shapes_dir": str(tmp_path)})
+    assert reason is not None and str(tmp_path) in reason
+    assert outdated_world({**data, "shapes_dir": str(tmp_path / "missing")}) is not None

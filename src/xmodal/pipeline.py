@@ -18,6 +18,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal import inputs
+from xmodal.data.world_manifest import outdated_world
 from xmodal.runs import PREVIOUS_DIR, RunDir, read_metrics
 
 if TYPE_CHECKING:  # Lightning is imported when a run really starts: skipping one stays fast
@@ -147,7 +148,7 @@ def _prepare(
     OmegaConf.resolve(cfg)  # sub-configs (e.g. the backbone) are used detached from the root
     run = RunDir(cfg, overrides)
     if run.finished and not cfg.force:
-        reason = run.stale_reason()
+        reason = outdated_world(cfg.data, cfg.paths.get("shapes_dir")) or run.stale_reason()
         if reason is None:
             log.info(
                 "run %s is finished and its config and inputs are unchanged; skipping. Use "

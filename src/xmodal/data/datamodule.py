@@ -33,19 +33,13 @@ def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int 
     if not size:
         return
     from xmodal.data.shapes import write_world
+    from xmodal.data.world_manifest import SEED, data_ambiguity
 
     shapes_dir = data_cfg.get("shapes_dir") or shapes_dir
-    ambiguity = (
-        {
-            "pool_noise": float(data_cfg.get("shapes_pool_noise") or 0.0),
-            "train": bool(data_cfg.get("shapes_ambiguity_train")),
-        }
-        if data_cfg.get("shapes_ambiguity")
-        else False
-    )
+    ambiguity = data_ambiguity(data_cfg) or False
     manifest = Path(shapes_dir) / "MANIFEST.json"
     if rank == 0:
-        write_world(shapes_dir, seed=0, size=size, ambiguity=ambiguity)
+        write_world(shapes_dir, seed=SEED, size=size, ambiguity=ambiguity)
         return
     deadline = time.time() + 600
     while not manifest.is_file():

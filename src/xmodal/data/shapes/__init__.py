@@ -79,6 +79,7 @@ from xmodal.data.shapes.scenes import (
     random_scene,
 )
 from xmodal.data.shapes.world import SIZES, Counts, Out, WorldSize
+from xmodal.data.world_manifest import FORMAT_VERSION, matches, read_manifest
 
 __all__ = [
     "Ambiguity",
@@ -104,7 +105,6 @@ __all__ = [
     "write_world",
 ]
 
-FORMAT_VERSION = 2  # 2: COCO captions_*2014.json and eccv_caption ground truth
 
 _WRITERS: dict[str, Callable[[Out, random.Random, WorldSize], Counts]] = {
     "coco": coco.write_coco,
@@ -115,23 +115,6 @@ _WRITERS: dict[str, Callable[[Out, random.Random, WorldSize], Counts]] = {
     "coop": coop.write_coop,
     "pool": pool.write_pool,
 }
-
-
-def _read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _matches(manifest: dict | None, seed: int, size: str, ambiguity: Ambiguity | None) -> bool:
-    return (
-        manifest is not None
-        and manifest.get("format_version") == FORMAT_VERSION
-        and manifest.get("seed") == seed
-        and manifest.get("size") == size
-        and manifest.get("ambiguity") == (None if ambiguity is None else ambiguity.record())
-    )
 
 
 def _ambiguity(value: bool | Ambiguity | Mapping | None) -> Ambiguity | None:
@@ -168,8 +151,9 @@ def write_world(
     spec = _ambiguity(ambiguity)
     root = Path(root)
     manifest_path = root / "MANIFEST.json"
-    old = _read_manifest(manifest_path)
-    if _matches(old, seed, size, spec):
+    record = None if spec is None else spec.record()
+    old = read_manifest(manifest_path)
+    if matches(old, seed, size, record):
         return old  # type: ignore[return-value]
     if root.exists() and old is None and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty and holds no shapes world; refusing to write")
@@ -198,8 +182,8 @@ def write_world(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    done = _read_manifest(manifest_path)
-    if not _matches(done, seed, size, spec):  # another process won a race with another world
+    done = read_manifest(manifest_path)
+    if not matches(done, seed, size, record):  # another process won a race with another world
         raise RuntimeError(f"{root} was replaced concurrently by a different world")
     return done  # type: ignore[return-value]
 

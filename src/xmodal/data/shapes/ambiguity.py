@@ -65,6 +65,7 @@ from xmodal.data.shapes.scenes import (
     class_scene,
     random_scene,
 )
+from xmodal.data.world_manifest import AMBIGUITY_FRACTION, ambiguity_record
 
 IMAGE_KINDS: tuple[str, ...] = ("blur", "occlusion", "contrast", "clutter")
 CAPTION_KINDS: tuple[str, ...] = ("vague",)
@@ -75,9 +76,6 @@ CAPTION_LEVELS = (0.25, 0.5, 0.75, 1.0)
 TEXT_LEVELS = (round(1 / 3, 4), round(2 / 3, 4), 1.0)
 CONFLICT_LEVELS = (0.5, 1.0)
 IMAGE_LEVELS = (0.1, 1.0)
-#: what the ambiguity world's manifest records as its version, so that an older ambiguity world is
-#: rewritten: 2, the X-MoRe pool holds new photos of every class of the classification sets
-VERSION = 2
 _GREY = (128, 128, 128)
 
 
@@ -90,7 +88,7 @@ class Ambiguity:
     conflicting pairs labelled as matches, HUG learns to call them coordinated: docs/ambiguity.md).
     """
 
-    fraction: float = 0.5
+    fraction: float = AMBIGUITY_FRACTION
     pool_noise: float = 0.0
     train: bool = False
 
@@ -101,12 +99,7 @@ class Ambiguity:
                 raise ValueError(f"ambiguity {name} must be in [0, 1], got {value}")
 
     def record(self) -> dict[str, float | bool | int]:
-        return {
-            "fraction": self.fraction,
-            "pool_noise": self.pool_noise,
-            "train": self.train,
-            "version": VERSION,
-        }
+        return ambiguity_record(self.fraction, self.pool_noise, self.train)
 
 
 def draw_level(rng: random.Random, kind: str) -> float:
