@@ -5,12 +5,13 @@ shapes world's scenes with a recorded ambiguity per item (ambiguity.json): degra
 occlusion, low contrast, clutter), vague captions, vague or conflicting modification texts, and an
 X-MoRe pool like a web index (photos of every class of the classification sets among unrelated
 scenes) whose captions name the fine attributes of what each image shows, a share of them wrong
-(`data.shapes_pool_noise`). Every run scores its per-query uncertainties against it: Spearman's
+(`data.shapes_pool_noise`). The training splits stay clear (`data.shapes_ambiguity_train=true`
+makes them ambiguous too). Every run scores its per-query uncertainties against it: Spearman's
 rho with the level and AUROC of ambiguous (level >= 0.5) vs clear queries, per kind
 (`<subset>/[<column>/]ambiguity/<kind>/{spearman,auroc}` in metrics.json; `xmodal-table
 table=ambiguity_uclip`, `ambiguity_cir`, `ambiguity_xmore`). Chance is rho 0, AUROC 0.5.
 
-It takes several minutes on a laptop CPU (a second world, two CIR trainings, three X-MoRe
+It takes several minutes on a laptop CPU (a second world, five CIR trainings, three X-MoRe
 indexes of 27,392 pool images each), so `make demo` skips it unless XMODAL_DEMO_AMBIGUITY=1 is
 set, or it is asked for: `python scripts/demo.py --only ambiguity`.
 """
@@ -67,17 +68,27 @@ def _uclip(demo) -> None:
 
 def _cir(demo) -> None:
     rows = []
-    for method, columns in [("ruir", [""]), ("hug", ["", "sigma_t2/", "sigma_m2/"])]:
-        for label, extra in [("untrained", ["trainer.max_epochs=0"]), ("trained", [])]:
-            m = demo.run("train", [f"experiment={method}/shapes_cirr", *AMBIGUITY, *extra])
+    variants = [
+        ("RUIR", "ruir", [], [""]),
+        ("RUIR+KL", "ruir", ["method.lambda_kl=0.05"], [""]),  # against sigma collapse
+        ("HUG", "hug", [], ["", "sigma_t2/", "sigma_m2/"]),
+    ]
+    for title, method, options, columns in variants:
+        stages = [("trained", [])]
+        if title != "RUIR+KL":  # (its untrained head is RUIR's)
+            stages.insert(0, ("untrained", ["trainer.max_epochs=0"]))
+        for label, extra in stages:
+            overrides = [f"experiment={method}/shapes_cirr", *AMBIGUITY, *options, *extra]
+            m = demo.run("train", overrides)
             for column in columns:
                 name = column.rstrip("/") or ("sigma_q2" if method == "hug" else "variance")
                 prefix = f"test/cirr_val/{column}ambiguity"
                 cells = _cells(m, prefix, ["all", "vague", "conflict"])
-                rows.append([f"{method.upper()} {label}: {name}", f"{m['test/avg']:.1f}", *cells])
+                rows.append([f"{title} {label}: {name}", f"{m['test/avg']:.1f}", *cells])
     demo.table(
-        "RUIR and HUG on the ambiguity world, CIRR format (val): per-query variance vs vague and "
-        "conflicting modification texts (HUG: fused sigma_q^2 and its text / coordination sources)",
+        "RUIR and HUG trained on the ambiguity world's clear training split, CIRR format (val): "
+        "per-query variance vs vague and conflicting modification texts (HUG: fused sigma_q^2 and "
+        "its text / coordination sources)",
         ["method: uncertainty", "(R@5+Rs@1)/2"]
         + [f"{k} {s}" for k in ("all", "vague", "conflict") for s in ("rho", "AUROC")],
         rows,
