@@ -20,17 +20,6 @@ import random
 from pathlib import Path
 
 
-def shows(scene, recipe: dict) -> bool:
-    if scene.background not in recipe.get("backgrounds", (scene.background,)):
-        return False
-    fixed = [k for k in ("shape", "colour", "size", "fill", "pos") if k in recipe]
-    main = [o for o in scene.objects if all(getattr(o, k) == recipe[k] for k in fixed)]
-    low, high = recipe.get("count", (1, 1))
-    if recipe.get("distractors") == (0, 0):
-        return len(main) == len(scene.objects) and low <= len(main) <= high
-    return low <= len(main) <= high
-
-
 def test_items(root: Path, name: str) -> tuple[list, list[dict], dict]:
     """(image path, label, sidecar id) of the test images, the class recipes, the sidecar."""
     from xmodal.data.coop import DATASETS
@@ -74,7 +63,7 @@ def main() -> None:
 
     from xmodal.backbones import build
     from xmodal.data.shapes.ambiguity import pool_scene
-    from xmodal.data.shapes.pool import web_concepts
+    from xmodal.data.shapes.pool import shows, web_concepts
 
     root = args.world
     with (root / "pool/metadata.csv").open(newline="") as f:

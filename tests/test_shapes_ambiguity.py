@@ -27,7 +27,7 @@ from xmodal.data.shapes.ambiguity import (
     TEXT_LEVELS,
     pool_scene,
 )
-from xmodal.data.shapes.pool import web_concepts
+from xmodal.data.shapes.pool import shows, web_concepts
 from xmodal.data.shapes.world import SIZES, Out
 from xmodal.data.world_manifest import AMBIGUITY_VERSION
 
@@ -402,19 +402,6 @@ def test_pool_noise_is_recorded_and_the_clear_captions_stay_true(worlds, noisy):
     assert all(re.search(r"(large|big|small|little) ", rows[k]) for k in items)
     assert np.mean([pairs(rows[k]) == pairs(truth[k]) for k in noise]) < 0.2
 
-
-def shows(scene, recipe: dict) -> bool:
-    """Whether ``scene`` is a photo of the class ``recipe`` (:func:`class_scene` arguments): its
-    background is one the recipe allows, and enough objects hold every attribute the recipe fixes
-    (all of them, in place of the count, when the recipe allows no distractor)."""
-    if scene.background not in recipe.get("backgrounds", (scene.background,)):
-        return False
-    fixed = [k for k in ("shape", "colour", "size", "fill", "pos") if k in recipe]
-    main = [o for o in scene.objects if all(getattr(o, k) == recipe[k] for k in fixed)]
-    low, high = recipe.get("count", (1, 1))
-    if recipe.get("distractors") == (0, 0):
-        return len(main) == len(scene.objects) and low <= len(main) <= high
-    return low <= len(main) <= high
 
 
 def test_pool_draws_photos_of_every_class_and_unrelated_scenes():

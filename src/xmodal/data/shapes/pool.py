@@ -51,6 +51,20 @@ def web_concepts() -> list[dict]:
     return concepts
 
 
+def shows(scene: Scene, recipe: dict) -> bool:
+    """Whether ``scene`` is a photo of the class ``recipe`` (:func:`class_scene` arguments): its
+    background is one the recipe allows, and enough objects hold every attribute the recipe fixes
+    (all of them, in place of the count, when the recipe allows no distractor)."""
+    if scene.background not in recipe.get("backgrounds", (scene.background,)):
+        return False
+    fixed = [k for k in ("shape", "colour", "size", "fill", "pos") if k in recipe]
+    main = [o for o in scene.objects if all(getattr(o, k) == recipe[k] for k in fixed)]
+    low, high = recipe.get("count", (1, 1))
+    if recipe.get("distractors") == (0, 0):
+        return len(main) == len(scene.objects) and low <= len(main) <= high
+    return low <= len(main) <= high
+
+
 def _write_metadata(out: Out, rows: list[tuple[str, str]]) -> Counts:
     """``pool/metadata.{csv,parquet}`` (columns image_path, caption) and the pool's counts."""
     with out.path("pool/metadata.csv").open("w", newline="") as f:
