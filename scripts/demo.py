@@ -30,10 +30,12 @@ from xmodal.runs import is_finished, read_metrics  # noqa: E402
 
 
 class Demo:
-    """What a section gets: ``run`` an entry point, print a ``table``; ``extra`` overrides."""
+    """What a section gets: ``run`` an entry point, print a ``table``; ``extra`` overrides;
+    ``only``: the sections asked for by name (an opt-in section runs when named)."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], only: list[str] | None = None) -> None:
         self.extra = extra
+        self.only = list(only or [])
 
     def run(self, entry: str, overrides: list[str]) -> dict:
         """Run `python -m xmodal.cli.<entry> overrides...` and return its metrics.json."""
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(available), nargs="*", help="sections to run")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    demo = Demo(args.overrides)
+    demo = Demo(args.overrides, args.only)
     t0 = time.time()
     for name in args.only or available:
         print(f"\n=== {name}: {available[name].__doc__.strip().splitlines()[0]}")

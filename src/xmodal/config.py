@@ -118,6 +118,31 @@ def _run_name(experiment: str | None) -> str:
     return str(experiment) if experiment not in (None, "None", "null", "") else "default"
 
 
+def _flag(name: str, value: Any) -> bool:
+    if str(value).lower() not in ("true", "false", "none", "0", "1"):
+        raise ConfigError(f"data.{name} must be true or false, got {value!r}")
+    return str(value).lower() in ("true", "1")
+
+
+def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0, train: Any = False) -> str:
+    """The suffix of the shapes world's folder: "" (default world), or "-ambiguity" followed by
+    "-noise<p>" and "-train" when set (``data.shapes_ambiguity``, ``data.shapes_pool_noise``,
+    ``data.shapes_ambiguity_train``)."""
+    noise = float(pool_noise or 0.0)
+    ambiguous, train = _flag("shapes_ambiguity", ambiguity), _flag("shapes_ambiguity_train", train)
+    if not ambiguous:
+        for name, value in (("shapes_pool_noise", noise), ("shapes_ambiguity_train", train)):
+            if value:
+                raise ConfigError(
+                    f"data.{name}={value} only applies to the ambiguity world: add "
+                    "data.shapes_ambiguity=true"
+                )
+        return ""
+    if not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"data.shapes_pool_noise must be in [0, 1], got {noise}")
+    return "-ambiguity" + (f"-noise{noise:g}" if noise else "") + ("-train" if train else "")
+
+
 def _register_resolvers() -> None:
     from xmodal.slurm import register_resolvers as register_slurm_resolvers
 
@@ -126,6 +151,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("xmodal.run_hash", _current_run_hash)
     if not OmegaConf.has_resolver("xmodal.run_name"):
         OmegaConf.register_new_resolver("xmodal.run_name", _run_name)
+    if not OmegaConf.has_resolver("xmodal.shapes_variant"):
+        OmegaConf.register_new_resolver("xmodal.shapes_variant", shapes_variant)
     if not OmegaConf.has_resolver("xmodal.wandb_id"):
         # one logger run id per run directory: a resumed job logs into the same W&B run
         OmegaConf.register_new_resolver(
@@ -165,6 +192,11 @@ class DataConfig:
     protocol: str = "clip4cir"  # FashionIQ evaluation protocol (datasets/cir.md §1.3)
     remove_reference: bool | None = None
     shapes_world: str | None = None  # small | medium: write the shapes world here if missing
+    shapes_ambiguity: bool = False  # the ambiguity world (per-item ambiguity.json) instead
+    shapes_pool_noise: float = 0.0  # ambiguity world: share of X-MoRe pool captions that are wrong
+    shapes_ambiguity_train: bool = False  # ambiguity world: training splits ambiguous too
+    shapes_variant: str = ""  # "", "-ambiguity[-noise<p>][-train]" (xmodal.shapes_variant)
+    shapes_dir: str | None = None  # the shapes world read: paths.shapes_dir + shapes_variant
     batch_size: int = 64
     num_workers: int = 0
     on_corrupt: str = "fail"  # fail | skip

@@ -18,6 +18,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal import inputs
+from xmodal.data.world_manifest import outdated_world
 from xmodal.runs import PREVIOUS_DIR, RunDir, read_metrics
 
 if TYPE_CHECKING:  # Lightning is imported when a run really starts: skipping one stays fast
@@ -147,7 +148,7 @@ def _prepare(
     OmegaConf.resolve(cfg)  # sub-configs (e.g. the backbone) are used detached from the root
     run = RunDir(cfg, overrides)
     if run.finished and not cfg.force:
-        reason = run.stale_reason()
+        reason = outdated_world(cfg.data, cfg.paths.get("shapes_dir")) or run.stale_reason()
         if reason is None:
             log.info(
                 "run %s is finished and its config and inputs are unchanged; skipping. Use "
@@ -226,6 +227,7 @@ def _evaluate(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, 
             run_dir=Path(cfg.run_dir),
         )
         metrics = evaluator.evaluate(ctx)
+        metrics.update(_ambiguity_metrics(cfg, run))
         _log_evaluation(cfg, metrics, run)
         run.finish(metrics, used)
         return metrics
@@ -269,6 +271,7 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
                 {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             )
         metrics.update(getattr(module, "extra_metrics", {}))
+        metrics.update(_ambiguity_metrics(cfg, run))
         run.finish(metrics, used)
         return metrics
     except BaseException as err:
@@ -276,6 +279,17 @@ def _train(cfg: DictConfig, run: RunDir, used: inputs.InputLog) -> dict[str, Any
         raise
     finally:
         _finish_loggers(trainer)
+
+
+def _ambiguity_metrics(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """How the run's per-query uncertainties track the ambiguity its data records (the shapes
+    world with ``data.shapes_ambiguity=true``): one place for every method
+    (:func:`xmodal.protocols.uncertainty.ambiguity_metrics`); rank 0, which wrote them."""
+    if run.rank != 0:
+        return {}
+    from xmodal.protocols.uncertainty import ambiguity_metrics
+
+    return ambiguity_metrics(cfg.data, run.path)
 
 
 def _note_trainer(run: RunDir, trainer: pl.Trainer) -> None:

@@ -34,7 +34,9 @@ probability-like confidence, ``top1_consistency``: see :data:`PROBABILITY_METHOD
 areas ``rejection/R@k`` (percent) beside the oracle's, and S̄'s ``R@k`` (percent). Rejection curves
 and AURC average over the orders of tied confidences (``ties=average``; ``ties=index`` takes
 them in query-index order, the released code's sort made deterministic). It writes
-``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory.
+``calibration.png``, ``rejection.png`` and ``curves.json`` into the run directory, and every
+query's uncertainty (-confidence of each method) to ``uncertainty/test_{i2t,t2i}.csv``
+(:mod:`xmodal.protocols.uncertainty`), scored against the data's ambiguity when it records one.
 
 On the COCO 5k test with ``data.extended_positives`` set, S̄'s ranking also gives the
 extended-positive protocols (:mod:`xmodal.protocols.extended`: COCO 1k/5k, CxC, ECCV Caption,
@@ -418,7 +420,27 @@ class UCLIPEvaluator:
         metrics["test/skipped_images"] = skipped
         if self.plots:
             self.write_outputs(ctx.run_dir, curves)
+        self.write_uncertainty(ctx, split, valid, posterior)
         return metrics
+
+    def write_uncertainty(self, ctx: Any, split: Any, valid: Tensor, posterior: Posterior) -> None:
+        """Per-query uncertainties (-confidence of every method; ``uncertainty`` is ``method``'s)
+        to ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`): image
+        queries named by their path relative to ``data.root``, captions by ``<image>#<j>``."""
+        from xmodal.protocols.uncertainty import csv_path, retrieval_items, write_query_csv
+
+        items = retrieval_items(split, ctx.cfg.data.root, valid)
+        ranks = posterior.ranks()
+        for d in DIRECTIONS:
+            conf = {m: self.confidences[m][d].double() for m in self.methods}
+            columns = {"uncertainty": -conf[self.methods[0]]}
+            columns.update({m: -conf[m] for m in self.methods[1:]})
+            leading = {
+                "query": range(len(items[d])),
+                "item": items[d],
+                "target_rank": ranks[d].tolist(),
+            }
+            write_query_csv(csv_path(ctx.run_dir, "test", d), leading, columns)
 
     def extended(
         self,
@@ -457,6 +479,8 @@ class UCLIPEvaluator:
         )
         posterior.scan(sample_k)  # one pass serves the recalls and every method
         confidences = {m: posterior.confidence(m, **self.options) for m in self.methods}
+        # per query, for write_uncertainty
+        self.confidences = {m: dict(zip(DIRECTIONS, c)) for m, c in confidences.items()}
         metrics, curves = calibration_report(
             confidences,
             posterior.ranks(),

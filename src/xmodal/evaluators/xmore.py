@@ -40,7 +40,8 @@ short_results + no_captions``), null captions dropped, the index's search parame
 recall, mean entropies / confidences / weights (``test/entropy/{image,text}``: paper Table 6),
 and paper Table 8's ratio of the adjusted confidences per correctness case
 (``test/weight_ratio/case<c>``, :func:`weight_ratio_by_case`). Each seed's stream goes to
-``xmore_stream_seed<s>.csv`` in the run directory.
+``xmore_stream_seed<s>.csv`` in the run directory, and each image's modal uncertainties
+1 - alpha and 1 - beta to ``uncertainty/test_images.csv`` (:mod:`xmodal.protocols.uncertainty`).
 """
 
 from __future__ import annotations
@@ -616,6 +617,8 @@ class XMoReEvaluator:
         p_image, p_text, labels = p_image_all[idx], p_text_all[idx], labels_all[idx]
         pred_image, pred_text = p_image.argmax(dim=1), p_text.argmax(dim=1)
         conf_image, conf_text = stream_confidences(p_image, p_text)  # once: order-independent
+        if self.save_stream and ctx.is_rank_zero:
+            self._write_uncertainty(ctx, split, idx, (pred_image, pred_text), conf_image, conf_text)
         seeds = self.seeds if self.seeds is not None else [int(ctx.cfg.seed)]
         by_norm: dict[str, list[float]] = {n: [] for n in NORMALIZERS}
         acc_all, w_image, w_text, ratios = [], [], [], []
@@ -695,6 +698,31 @@ class XMoReEvaluator:
             out["test/index/tuned_recall"] = float(retrieved["tuned_recall"])
             out["test/index/tuned_k"] = int(retrieved["tuned_k"])
         return out
+
+    @staticmethod
+    def _write_uncertainty(
+        ctx: EvalContext,
+        split: ClassificationSplit,
+        idx: Tensor,
+        preds: tuple[Tensor, Tensor],
+        conf_image: Tensor,
+        conf_text: Tensor,
+    ) -> None:
+        """Each evaluated image's modal uncertainties 1 - alpha (``uncertainty``) and 1 - beta
+        (``text``) to ``uncertainty/test_images.csv`` (:mod:`xmodal.protocols.uncertainty`)."""
+        from xmodal.protocols.uncertainty import csv_path, relative_items, write_query_csv
+
+        rows = idx.tolist()
+        paths = relative_items([split.image_paths[i] for i in rows], ctx.cfg.data.root)
+        leading = {
+            "query": rows,
+            "item": paths,
+            "label": [split.labels[i] for i in rows],
+            "pred_image": preds[0].tolist(),
+            "pred_text": preds[1].tolist(),
+        }
+        columns = {"uncertainty": 1.0 - conf_image, "text": 1.0 - conf_text}
+        write_query_csv(csv_path(ctx.run_dir, "test", "images"), leading, columns)
 
     def _write_stream(
         self,

@@ -248,6 +248,7 @@ class EmbeddedSplit:
     text: Tensor
     caption_image: Tensor
     skipped_images: int = 0
+    items: dict[str, list[str]] | None = None  # query ids (xmodal.protocols.uncertainty)
 
 
 def _single_device(trainer_cfg: DictConfig) -> None:
@@ -319,6 +320,7 @@ def encode_splits(
     from xmodal.data.datamodule import load_split
     from xmodal.data.images import ImageDataset
     from xmodal.protocols.retrieval import drop_invalid_images, embedding_key
+    from xmodal.protocols.uncertainty import retrieval_items
     from xmodal.retrieval.cache import EmbeddingCache
     from xmodal.retrieval.encode import TextDataset, encode_cached, text_collate
 
@@ -361,7 +363,8 @@ def encode_splits(
         image, text, caption_image, skipped = drop_invalid_images(
             split, emb["image"][0], emb["text"][0], emb["image"][1]
         )
-        out[role] = EmbeddedSplit(image.float(), text.float(), caption_image, skipped)
+        items = retrieval_items(split, data_cfg.root, emb["image"][1])
+        out[role] = EmbeddedSplit(image.float(), text.float(), caption_image, skipped, items)
     return out, logit_scale
 
 
@@ -378,7 +381,7 @@ def normalise_inputs(split: EmbeddedSplit, how: str, logit_scale: float | None) 
                 "backbone has no logit_scale; use method.input_norm=unit"
             )
         image = image * logit_scale
-    return EmbeddedSplit(image, text, split.caption_image, split.skipped_images)
+    return EmbeddedSplit(image, text, split.caption_image, split.skipped_images, split.items)
 
 
 class _Indices(Dataset):
@@ -621,3 +624,28 @@ class ProbVLM(pl.LightningModule):
         if c.plots and self.run_dir is not None and self.trainer.global_rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_calibration_outputs(self.run_dir, curves, c.ks)
+        if split.items is not None and self.run_dir is not None and self.trainer.global_rank == 0:
+            self._write_uncertainty(split.items, posterior.ranks(), image, text, names)
+
+    def _write_uncertainty(
+        self,
+        items: dict[str, list[str]],
+        ranks: dict[str, Tensor],
+        image: dict[str, Tensor],
+        text: dict[str, Tensor],
+        names: list[str],
+    ) -> None:
+        """Each query's predicted variances (``method.uncertainty`` first) to
+        ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`), scored against
+        the data's ambiguity when it records one."""
+        from xmodal.protocols.uncertainty import csv_path, write_query_csv
+
+        for d, values in (("i2t", image), ("t2i", text)):
+            columns = {"uncertainty": values[names[0]].double()}
+            columns.update({u: values[u].double() for u in names[1:]})
+            leading = {
+                "query": range(len(items[d])),
+                "item": items[d],
+                "target_rank": ranks[d].tolist(),
+            }
+            write_query_csv(csv_path(self.run_dir, "test", d), leading, columns)

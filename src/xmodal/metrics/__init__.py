@@ -3,6 +3,9 @@
 One re-export per line (``name as name`` marks it public), one block per module.
 """
 
+from xmodal.metrics.ambiguity import ambiguity_auroc as ambiguity_auroc
+from xmodal.metrics.ambiguity import ambiguity_scores as ambiguity_scores
+from xmodal.metrics.ambiguity import spearman as spearman
 from xmodal.metrics.calibration import binned_recall as binned_recall
 from xmodal.metrics.calibration import calibration_scores as calibration_scores
 from xmodal.metrics.calibration import confidence_aurc as confidence_aurc

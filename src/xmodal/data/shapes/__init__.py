@@ -58,10 +58,11 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from xmodal.data.shapes import cirr, coco, coop, fashioniq, imagenet, pool
+from xmodal.data.shapes.ambiguity import Ambiguity
 from xmodal.data.shapes.captions import describe, describe_change, modify
 from xmodal.data.shapes.fashioniq import FASHIONIQ_CATEGORIES
 from xmodal.data.shapes.rendering import IMAGE_SIZE, render
@@ -78,8 +79,10 @@ from xmodal.data.shapes.scenes import (
     random_scene,
 )
 from xmodal.data.shapes.world import SIZES, Counts, Out, WorldSize
+from xmodal.data.world_manifest import FORMAT_VERSION, matches, read_manifest
 
 __all__ = [
+    "Ambiguity",
     "BACKGROUNDS",
     "COLOURS",
     "FASHIONIQ_CATEGORIES",
@@ -102,7 +105,6 @@ __all__ = [
     "write_world",
 ]
 
-FORMAT_VERSION = 2  # 2: COCO captions_*2014.json and eccv_caption ground truth
 
 _WRITERS: dict[str, Callable[[Out, random.Random, WorldSize], Counts]] = {
     "coco": coco.write_coco,
@@ -115,37 +117,43 @@ _WRITERS: dict[str, Callable[[Out, random.Random, WorldSize], Counts]] = {
 }
 
 
-def _read_manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def _ambiguity(value: bool | Ambiguity | Mapping | None) -> Ambiguity | None:
+    if value is None or value is False:
         return None
+    if value is True:
+        return Ambiguity()
+    if isinstance(value, Ambiguity):
+        return value
+    return Ambiguity(**dict(value))
 
 
-def _matches(manifest: dict | None, seed: int, size: str) -> bool:
-    return (
-        manifest is not None
-        and manifest.get("format_version") == FORMAT_VERSION
-        and manifest.get("seed") == seed
-        and manifest.get("size") == size
-    )
-
-
-def write_world(root: str | Path, seed: int = 0, size: str = "small") -> dict:
+def write_world(
+    root: str | Path,
+    seed: int = 0,
+    size: str = "small",
+    ambiguity: bool | Ambiguity | Mapping | None = False,
+) -> dict:
     """Write the shapes world under ``root`` in every real dataset format; return its manifest.
 
-    Deterministic: the same ``seed`` and ``size`` give byte-identical files. If ``root`` already
-    holds this world (same seed, size and format version) it is returned without rewriting. The
-    world is written to a temporary sibling folder and renamed into place, so an interrupted write
-    never leaves half a world. An existing world of another seed/size is replaced; any other
-    non-empty folder is refused.
+    Deterministic: the same ``seed``, ``size`` and ``ambiguity`` give byte-identical files. If
+    ``root`` already holds this world (same seed, size, ambiguity and format version) it is
+    returned without rewriting. The world is written to a temporary sibling folder and renamed
+    into place, so an interrupted write never leaves half a world. An existing world of another
+    seed/size is replaced; any other non-empty folder is refused.
+
+    ``ambiguity`` (True, an :class:`Ambiguity` or its fields as a mapping, e.g.
+    ``{"pool_noise": 0.5}``) writes the ambiguity world: the same scenes, with per-item ambiguity
+    injected and recorded in an ``ambiguity.json`` beside the annotations of every dataset
+    (:mod:`xmodal.data.shapes.ambiguity`). Write it to its own root: it replaces a default world.
     """
     if size not in SIZES:
         raise ValueError(f"unknown world size {size!r}; expected one of {sorted(SIZES)}")
+    spec = _ambiguity(ambiguity)
     root = Path(root)
     manifest_path = root / "MANIFEST.json"
-    old = _read_manifest(manifest_path)
-    if _matches(old, seed, size):
+    record = None if spec is None else spec.record()
+    old = read_manifest(manifest_path)
+    if matches(old, seed, size, record):
         return old  # type: ignore[return-value]
     if root.exists() and old is None and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty and holds no shapes world; refusing to write")
@@ -153,7 +161,7 @@ def write_world(root: str | Path, seed: int = 0, size: str = "small") -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         os.chmod(tmp, 0o755)
-        out = Out(tmp)
+        out = Out(tmp, spec, seed)
         counts: dict = {}
         for name, writer in _WRITERS.items():
             # one generator per dataset: changing one dataset leaves the others' bytes alone
@@ -166,13 +174,16 @@ def write_world(root: str | Path, seed: int = 0, size: str = "small") -> dict:
             "image_size": IMAGE_SIZE,
             "counts": counts,
         }
+        if spec is not None:
+            out.write_sidecars()
+            manifest["ambiguity"] = spec.record()
         out.text("MANIFEST.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         _move_into_place(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    done = _read_manifest(manifest_path)
-    if not _matches(done, seed, size):  # another process won a race with another world
+    done = read_manifest(manifest_path)
+    if not matches(done, seed, size, record):  # another process won a race with another world
         raise RuntimeError(f"{root} was replaced concurrently by a different world")
     return done  # type: ignore[return-value]
 

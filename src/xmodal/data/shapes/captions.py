@@ -69,9 +69,10 @@ _RELATIONS = {  # relation word -> (grid axis, sign): a is left of b when a.col 
 
 @dataclass(frozen=True)
 class Mention:
-    """One object a caption names, with the attributes the caption states (None: not stated)."""
+    """One object a caption names, with the attributes the caption states (None: not stated;
+    the ambiguity world's vague captions may name only a colour, "a red shape")."""
 
-    shape: str
+    shape: str | None
     colour: str | None = None
     size: str | None = None
     fill: str | None = None
@@ -80,7 +81,7 @@ class Mention:
     def fits(self, obj: SceneObject) -> bool:
         """Whether ``obj`` has every attribute this mention states."""
         return (
-            obj.shape == self.shape
+            self.shape in (None, obj.shape)
             and self.colour in (None, obj.colour)
             and self.size in (None, obj.size)
             and self.fill in (None, obj.fill)

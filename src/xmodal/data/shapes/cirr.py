@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 from xmodal.data import cirr
+from xmodal.data.ambiguity import cir_item
+from xmodal.data.shapes.ambiguity import CIR_KINDS, cir_texts
 from xmodal.data.shapes.captions import describe_change, modify
 from xmodal.data.shapes.scenes import PALE_BACKGROUNDS, Scene, random_scene
 from xmodal.data.shapes.world import Counts, Out, WorldSize
@@ -20,6 +22,7 @@ def _scene_key(scene: Scene) -> tuple:
 def write_cirr(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     counts: dict[str, dict[str, int]] = {}
     pairid = 0
+    rec = out.recorder("cirr")
     set_id = rng.randrange(100)
     layout = zip(cirr.SPLITS, ("train", "dev", "test1"), (3, 2, 2))  # name prefix, pairs/set
     for (split, prefix, per_set), n_sets in zip(layout, size.cirr):
@@ -46,6 +49,12 @@ def write_cirr(out: Out, rng: random.Random, size: WorldSize) -> Counts:
             for a, b in rng.sample(pairs, per_set):
                 caption = describe_change(scenes[a], scenes[b], rng)[0]
                 ref, tgt = name[a], name[b]
+                if rec is not None:  # (ambiguity world) a vague or conflicting instruction
+                    item, texts = cir_texts(
+                        rec, scenes[a], scenes[b], [caption], training=split == "train"
+                    )
+                    caption = texts[0]
+                    rec.add(ROOT, cir_item(ref, tgt), item, CIR_KINDS)
                 entry = {
                     "pairid": pairid,
                     "reference": ref,

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from xmodal.data.shapes.ambiguity import retrieval_item
 from xmodal.data.shapes.captions import Claim, described_captions, distinct_captions, tokens
 from xmodal.data.shapes.rendering import IMAGE_SIZE
 from xmodal.data.shapes.scenes import PALE_BACKGROUNDS, Scene, random_scene
@@ -95,6 +96,7 @@ def write_coco(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     counts = {s: {"images": 0, "captions": 0} for s in splits}
     images, test, drawn, test_images = [], [], [], []
     sentid = 0
+    rec = out.recorder("coco")  # the ambiguity world's per-item ambiguity (None: default world)
     for imgid, (split, cocoid) in enumerate(zip(labels, cocoids)):
         scene = random_scene(rng, background=rng.choice(PALE_BACKGROUNDS))
         captions, claims = zip(*described_captions(scene, rng, _n_captions(seen[split])))
@@ -102,7 +104,15 @@ def write_coco(out: Out, rng: random.Random, size: WorldSize) -> Counts:
         seen[split] += 1
         folder = "train2014" if split == "train" else "val2014"
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-        data = out.image(f"coco/{folder}/{filename}", scene)
+        degraded = None
+        if rec is not None:  # claims of the ambiguity world's captions keep the positives true
+            image_id = f"{folder}/{filename}"
+            training = split in ("train", "restval")
+            degraded, described = retrieval_item(
+                rec, "coco", image_id, scene, len(captions), training
+            )
+            captions, claims = [c for c, _ in described], [c for _, c in described]
+        data = out.image(f"coco/{folder}/{filename}", scene, degraded)
         entry = {"filepath": folder, "filename": filename, "split": split, "cocoid": cocoid}
         entry.update(_karpathy_entry(imgid, sentid, captions))
         images.append(entry)
@@ -228,11 +238,18 @@ def write_flickr30k(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     ids = rng.sample(range(10_000_000, 9_999_999_999), len(labels))
     counts = {s: {"images": 0, "captions": 0} for s in splits}
     images, rows = [], []
+    rec = out.recorder("flickr30k")
     for imgid, (split, fid) in enumerate(zip(labels, ids)):
         scene = random_scene(rng, background=rng.choice(PALE_BACKGROUNDS))
         captions = distinct_captions(scene, rng, 5)
         filename = f"{fid}.jpg"
-        out.image(f"flickr30k/flickr30k-images/{filename}", scene)
+        degraded = None
+        if rec is not None:
+            image_id = f"flickr30k-images/{filename}"
+            training = split == "train"
+            degraded, described = retrieval_item(rec, "flickr30k", image_id, scene, 5, training)
+            captions = [c for c, _ in described]
+        out.image(f"flickr30k/flickr30k-images/{filename}", scene, degraded)
         entry = _karpathy_entry(imgid, 5 * imgid, captions)
         entry.update({"split": split, "filename": filename})
         images.append(entry)

@@ -9,6 +9,7 @@ import string
 from pathlib import Path
 
 from xmodal.data.coop import DATASETS
+from xmodal.data.shapes.ambiguity import classification_image
 from xmodal.data.shapes.scenes import COLOURS, SHAPES, class_scene, random_scene
 from xmodal.data.shapes.world import Counts, Out, WorldSize
 
@@ -176,6 +177,7 @@ def _relpath(name: str, path: str, k: int, n: int, part: str, rng: random.Random
 
 def write_coop(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     counts: Counts = {}
+    rec = out.recorder("coop")
     for name, spec in DATASETS.items():
         folder, classes = spec.folder, _classes(name)
         base = f"{folder}/{spec.image_dir}/" if spec.image_dir else f"{folder}/"
@@ -187,7 +189,12 @@ def write_coop(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                 for _ in range(per_class):
                     k, n = k + 1, n + 1
                     rel = _relpath(name, path, k, n, part, rng)
-                    out.image(base + rel, class_scene(rng, **recipe))
+                    scene = class_scene(rng, **recipe)
+                    item = None
+                    if rec is not None:  # (ambiguity world) a degraded image
+                        rel_id = (base + rel)[len(folder) + 1 :]
+                        item = classification_image(rec, folder, rel_id, part == "train")
+                    out.image(base + rel, scene, item)
                     split[part].append([rel, label, classname])
         if name == "fgvc_aircraft":  # variants.txt + images_variant_<part>.txt, no json
             out.text(f"{folder}/variants.txt", "".join(f"{c}\n" for c, _, _ in classes))

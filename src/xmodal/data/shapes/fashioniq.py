@@ -7,6 +7,8 @@ import random
 import string
 
 from xmodal.data import fashioniq
+from xmodal.data.ambiguity import Item, cir_item
+from xmodal.data.shapes.ambiguity import CIR_KINDS, IMAGE_KINDS, Recorder, cir_texts
 from xmodal.data.shapes.captions import modify
 from xmodal.data.shapes.scenes import Scene, random_scene
 from xmodal.data.shapes.world import Counts, Out, WorldSize
@@ -22,24 +24,51 @@ FASHIONIQ_CATEGORIES: dict[str, tuple[str, tuple[str, str]]] = {
 }
 assert tuple(FASHIONIQ_CATEGORIES) == fashioniq.CATEGORIES  # the loader's categories, in order
 _FIQ_FILLS = ("solid", "striped", "dotted")
+#: (ambiguity world) a FashionIQ query's reference may be degraded, or its texts vague/conflicting
+KINDS = IMAGE_KINDS + CIR_KINDS
 
 
-def _asin(rng: random.Random, used: set[str]) -> str:
+def _asin(rng: random.Random, used: set[str], prefix: str = "B00") -> str:
     while True:
-        asin = "B00" + "".join(rng.choices(_ALNUM, k=7))
+        asin = prefix + "".join(rng.choices(_ALNUM, k=7))
         if asin not in used:
             used.add(asin)
             return asin
+
+
+def _ambiguous(
+    rec: Recorder,
+    query: tuple[str, str, Scene, Scene],
+    captions: list[str],
+    swap: bool,
+    copies: dict[str, tuple[Scene, Item]],
+    copy_names: set[str],
+    training: bool,
+) -> tuple[str, list[str]]:
+    """(Ambiguity world) draw and record a triplet's ambiguity: its reference becomes a degraded
+    copy under a new name ("B01..."), or its texts vague or conflicting. Returns the candidate
+    and the captions to write; ``training``: the triplet is in the training split."""
+    cand, tgt, reference, target = query
+    texts = captions[::-1] if swap else captions  # (instruction, relative caption)
+    item, texts = cir_texts(rec, reference, target, texts, image=True, training=training)
+    if item.kind in IMAGE_KINDS:
+        cand = _asin(rec.rng, copy_names, prefix="B01")
+        copies[cand] = (reference, item)
+    rec.add(ROOT, cir_item(cand, tgt), item, KINDS)
+    return cand, (texts[::-1] if swap else texts)
 
 
 def write_fashioniq(out: Out, rng: random.Random, size: WorldSize) -> Counts:
     used: set[str] = set()
     counts: Counts = {}
     n_images = 0
+    rec = out.recorder("fashioniq")  # the ambiguity world's per-query ambiguity (None: default)
+    copy_names: set[str] = set()
     for cat, (background, family) in FASHIONIQ_CATEGORIES.items():
         counts[f"fashioniq/{cat}"] = {}
         for split, n in zip(fashioniq.SPLITS, size.fashioniq):
             scenes: dict[str, Scene] = {}
+            copies: dict[str, tuple[Scene, Item]] = {}  # degraded references (ambiguity world)
             triplets = []
             for _ in range(n):
                 if scenes and rng.random() < 0.3:  # images recur across triplets, as in FIQ
@@ -52,8 +81,15 @@ def write_fashioniq(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                 target_scene, captions = modify(scenes[cand], rng, shapes=family, fills=_FIQ_FILLS)
                 tgt = _asin(rng, used)
                 scenes[tgt] = target_scene
-                if rng.random() < 0.5:
+                swap = rng.random() < 0.5
+                if swap:
                     captions = captions[::-1]
+                if rec is not None:
+                    query = (cand, tgt, scenes[cand], target_scene)
+                    training = split == "train"
+                    cand, captions = _ambiguous(
+                        rec, query, captions, swap, copies, copy_names, training
+                    )
                 triplets.append({"target": tgt, "candidate": cand, "captions": captions})
             for _ in range(max(2, 2 * len(scenes) // 5)):  # split files hold extra images
                 scenes[_asin(rng, used)] = random_scene(
@@ -65,6 +101,9 @@ def write_fashioniq(out: Out, rng: random.Random, size: WorldSize) -> Counts:
                 out.image(f"{ROOT}/images/{asin}.{ext}", scenes[asin])
                 n_images += 1
             rng.shuffle(names)
+            for asin, (scene, item) in copies.items():  # (ambiguity world) degraded references
+                out.image(f"{ROOT}/images/{asin}.jpg", scene, item)
+                names.insert(rec.rng.randrange(len(names) + 1), asin)
             out.json(fashioniq.split_path(ROOT, cat, split), names)
             if split == "test":
                 written = [{k: v for k, v in t.items() if k != "target"} for t in triplets]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from xmodal.data.shapes.scenes import BACKGROUNDS, COLOURS, GRID, SHAPES, Scene
+from xmodal.data.shapes.scenes import BACKGROUNDS, COLOURS, GRID, SHAPES, Scene, SceneObject
 
 IMAGE_SIZE = 64
 _SS = 4  # supersampling factor: draw at 4x and average down for smooth edges
@@ -105,6 +105,20 @@ def _noise(scene: Scene, side: int) -> Image.Image:
     return img
 
 
+def _place(obj: SceneObject, cell: float) -> tuple[float, float, float]:
+    """Centre (x, y) and radius of ``obj`` on a canvas whose grid cells are ``cell`` wide."""
+    frac = _RADIUS[obj.size]
+    slack = (0.5 - frac - 0.03) * cell  # jitter that keeps the object inside its cell
+    cx = (obj.pos[0] + 0.5) * cell + slack * obj.offset[0]
+    cy = (obj.pos[1] + 0.5) * cell + slack * obj.offset[1]
+    return cx, cy, frac * cell
+
+
+def object_box(obj: SceneObject, size: int = IMAGE_SIZE) -> tuple[float, float, float]:
+    """Centre (x, y) and radius in pixels of ``obj`` in a ``size`` x ``size`` rendering."""
+    return _place(obj, size / GRID)
+
+
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image (a pure function of the scene)."""
     side = size * _SS
@@ -117,11 +131,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     draw = ImageDraw.Draw(img)
     cell = side / GRID
     for obj in scene.objects:
-        frac = _RADIUS[obj.size]
-        slack = (0.5 - frac - 0.03) * cell  # jitter that keeps the object inside its cell
-        cx = (obj.pos[0] + 0.5) * cell + slack * obj.offset[0]
-        cy = (obj.pos[1] + 0.5) * cell + slack * obj.offset[1]
-        r = frac * cell
+        cx, cy, r = _place(obj, cell)
         colour = COLOURS[obj.colour]
         line = max(_SS, round(0.14 * r))
         if scene.style == "sketch":

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from xmodal.data.ambiguity import Item
+from xmodal.data.shapes.ambiguity import Ambiguity, Recorder, degrade
 from xmodal.data.shapes.rendering import render
 from xmodal.data.shapes.scenes import Scene
 
@@ -26,6 +29,10 @@ class WorldSize:
     coop: tuple[int, int, int]  # images per class: train, val, test
     pool: int  # external image-caption pairs
     wds_shards: int = 2
+    #: the ambiguity world's pool holds this many new photos of every class of the classification
+    #: sets (and as many unrelated images), at least ``pool`` images in all. Medium: 128, X-MoRe's
+    #: K, so that (as in LAION) the K nearest index images of a query can all show its class
+    pool_per_class: int = 0
 
 
 SIZES: dict[str, WorldSize] = {
@@ -47,16 +54,39 @@ SIZES: dict[str, WorldSize] = {
         coop=(4, 2, 8),
         pool=2000,
         wds_shards=4,
+        pool_per_class=128,
     ),
 }
 
 
 class Out:
-    """Writes files under the (temporary) world root, creating folders on demand."""
+    """Writes files under the (temporary) world root, creating folders on demand.
 
-    def __init__(self, root: Path) -> None:
+    ``ambiguity`` (None for the default world) makes :meth:`recorder` give each dataset writer the
+    recorder of its items' ambiguity, drawn from its own generator
+    ``shapes:<seed>:<name>:ambiguity``.
+    """
+
+    def __init__(self, root: Path, ambiguity: Ambiguity | None = None, seed: int = 0) -> None:
         self.root = root
         self._dirs: set[Path] = set()
+        self.ambiguity, self.seed = ambiguity, seed
+        self.recorders: dict[str, Recorder] = {}
+
+    def recorder(self, name: str) -> Recorder | None:
+        """The ambiguity recorder of dataset ``name``; None in the default world."""
+        if self.ambiguity is None:
+            return None
+        if name not in self.recorders:
+            rng = random.Random(f"shapes:{self.seed}:{name}:ambiguity")
+            self.recorders[name] = Recorder(self.ambiguity, rng)
+        return self.recorders[name]
+
+    def write_sidecars(self) -> None:
+        """Write the ``ambiguity.json`` of every dataset recorded so far."""
+        for rec in self.recorders.values():
+            for rel, content in rec.sidecars().items():
+                self.path(rel).write_text(json.dumps(content, sort_keys=True), encoding="utf-8")
 
     def path(self, rel: str) -> Path:
         path = self.root / rel
@@ -65,10 +95,13 @@ class Out:
             self._dirs.add(path.parent)
         return path
 
-    def image(self, rel: str, scene: Scene) -> bytes:
-        """Render ``scene`` to ``rel`` (PNG if it ends in .png, else JPEG quality 90)."""
+    def image(self, rel: str, scene: Scene, ambiguity: Item | None = None) -> bytes:
+        """Render ``scene`` to ``rel`` (PNG if it ends in .png, else JPEG quality 90), degraded by
+        ``ambiguity`` when given (:func:`xmodal.data.shapes.ambiguity.degrade`)."""
         buf = io.BytesIO()
         img = render(scene)
+        if ambiguity is not None:
+            img = degrade(img, scene, ambiguity)
         if rel.lower().endswith(".png"):
             img.save(buf, format="PNG")
         else:

@@ -1,0 +1,115 @@
+"""Ambiguity: does each method's uncertainty track ambiguity injected item by item? (opt-in)
+
+The ambiguity world (`data.shapes_ambiguity=true`, written to data/shapes-ambiguity) has the
+shapes world's scenes with a recorded ambiguity per item (ambiguity.json): degraded images (blur,
+occlusion, low contrast, clutter), vague captions, vague or conflicting modification texts, and an
+X-MoRe pool like a web index (photos of every class of the classification sets among unrelated
+scenes) whose captions name the fine attributes of what each image shows, a share of them wrong
+(`data.shapes_pool_noise`). The training splits stay clear (`data.shapes_ambiguity_train=true`
+makes them ambiguous too). Every run scores its per-query uncertainties against it: Spearman's
+rho with the level and AUROC of ambiguous (level >= 0.5) vs clear queries, per kind
+(`<subset>/[<column>/]ambiguity/<kind>/{spearman,auroc}` in metrics.json; `xmodal-table
+table=ambiguity_uclip`, `ambiguity_cir`, `ambiguity_xmore`). Chance is rho 0, AUROC 0.5.
+
+It takes several minutes on a laptop CPU (a second world, five CIR trainings, three X-MoRe
+indexes of 27,392 pool images each), so `make demo` skips it unless XMODAL_DEMO_AMBIGUITY=1 is
+set, or it is asked for: `python scripts/demo.py --only ambiguity`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+AMBIGUITY = ["data.shapes_ambiguity=true"]
+UCLIP = ["adversarial", "top1_similarity", "top1_consistency", "top5_consistency"]
+NOISE = (0.0, 0.5, 1.0)
+
+
+def _f(value: float) -> str:
+    return "nan" if value != value else f"{value:.2f}"
+
+
+def _cells(m: dict, prefix: str, kinds: list[str]) -> list[str]:
+    stats = ("spearman", "auroc")
+    return [_f(m.get(f"{prefix}/{k}/{s}", float("nan"))) for k in kinds for s in stats]
+
+
+def section(demo) -> None:
+    if "ambiguity" not in demo.only and os.environ.get("XMODAL_DEMO_AMBIGUITY") != "1":
+        print(
+            "  skipped (several minutes): XMODAL_DEMO_AMBIGUITY=1 make demo, or "
+            "python scripts/demo.py --only ambiguity"
+        )
+        return
+    t0 = time.time()
+    _uclip(demo)
+    _cir(demo)
+    _xmore(demo)
+    print(f"\n  (ambiguity section: {time.time() - t0:.0f} s)")
+
+
+def _uclip(demo) -> None:
+    rows = []
+    for label, extra in [("pretrained", []), ("random init", ["backbone=tiny_clip"])]:
+        m = demo.run("eval", ["experiment=uclip/shapes_mcd", *AMBIGUITY, *extra])
+        for method in UCLIP:
+            column = "" if method == "adversarial" else f"{method}/"
+            cells = _cells(m, f"test/i2t/{column}ambiguity", ["all"])
+            cells += _cells(m, f"test/t2i/{column}ambiguity", ["vague"])
+            rows.append([f"{method} ({label})", *cells])
+    demo.table(
+        "uCLIP (MC dropout) on the ambiguity world: -confidence vs injected ambiguity; image "
+        "queries carry degraded images, caption queries vague captions",
+        ["confidence (tiny CLIP)", "i2t rho", "i2t AUROC", "t2i rho", "t2i AUROC"],
+        rows,
+    )
+
+
+def _cir(demo) -> None:
+    rows = []
+    variants = [
+        ("RUIR", "ruir", [], [""]),
+        ("RUIR+KL", "ruir", ["method.lambda_kl=0.05"], [""]),  # against sigma collapse
+        ("HUG", "hug", [], ["", "sigma_t2/", "sigma_m2/"]),
+    ]
+    for title, method, options, columns in variants:
+        stages = [("trained", [])]
+        if title != "RUIR+KL":  # (its untrained head is RUIR's)
+            stages.insert(0, ("untrained", ["trainer.max_epochs=0"]))
+        for label, extra in stages:
+            overrides = [f"experiment={method}/shapes_cirr", *AMBIGUITY, *options, *extra]
+            m = demo.run("train", overrides)
+            for column in columns:
+                name = column.rstrip("/") or ("sigma_q2" if method == "hug" else "variance")
+                prefix = f"test/cirr_val/{column}ambiguity"
+                cells = _cells(m, prefix, ["all", "vague", "conflict"])
+                rows.append([f"{title} {label}: {name}", f"{m['test/avg']:.1f}", *cells])
+    demo.table(
+        "RUIR and HUG trained on the ambiguity world's clear training split, CIRR format (val): "
+        "per-query variance vs vague and conflicting modification texts (HUG: fused sigma_q^2 and "
+        "its text / coordination sources)",
+        ["method: uncertainty", "(R@5+Rs@1)/2"]
+        + [f"{k} {s}" for k in ("all", "vague", "conflict") for s in ("rho", "AUROC")],
+        rows,
+    )
+
+
+def _xmore(demo) -> None:
+    rows = []
+    for noise in NOISE:
+        extra = [f"data.shapes_pool_noise={noise}"] if noise else []
+        overrides = ["experiment=xmore/shapes_coop", "data=shapes_stanford_cars", *AMBIGUITY]
+        m = demo.run("eval", [*overrides, *extra])
+        accuracy = [f"{m[f'test/acc/{k}']:.1f}" for k in ("image", "text", "xmore")]
+        weights = [f"{m[f'test/weight/{k}']:.2f}" for k in ("image", "text")]
+        rows.append(
+            [f"{noise:.0%}", *accuracy, *weights, *_cells(m, "test/images/ambiguity", ["all"])]
+        )
+    demo.table(
+        "X-MoRe on the ambiguity world's Stanford-Cars set (look-alike classes that differ in "
+        "size), pool captions with fine attributes, a growing share of them wrong; top-1 in %, "
+        "mean modal weights, and the image-modal uncertainty 1 - alpha vs the image degradation",
+        ["wrong captions", "image-only", "text-only", "X-MoRe", "w_img", "w_txt", "rho", "AUROC"],
+        rows,
+    )
