@@ -403,7 +403,6 @@ def test_pool_noise_is_recorded_and_the_clear_captions_stay_true(worlds, noisy):
     assert np.mean([pairs(rows[k]) == pairs(truth[k]) for k in noise]) < 0.2
 
 
-
 def test_pool_draws_photos_of_every_class_and_unrelated_scenes():
     import random
 
