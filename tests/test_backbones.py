@@ -237,7 +237,13 @@ def test_schema_rejects_typos_and_wrong_types() -> None:
 
 
 def test_list_backbones(tmp_path, monkeypatch) -> None:
-    assert list_backbones("*tiny*") == ["tiny_blip", "tiny_blip2", "tiny_clip", "tiny_clip_shapes"]
+    assert list_backbones("*tiny*") == [
+        "tiny_blip",
+        "tiny_blip2",
+        "tiny_clip",
+        "tiny_clip_shapes",
+        "tiny_clip_shapes_index",
+    ]
     assert "openclip_vit_l_14_openai" in list_backbones("openclip_*")
     (tmp_path / "backbone").mkdir()
     (tmp_path / "backbone" / "mine.yaml").write_text("name: mine\narch: RN50\n")
