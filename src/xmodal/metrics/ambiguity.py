@@ -31,18 +31,17 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def spearman(x: Sequence[float] | Tensor, y: Sequence[float] | Tensor) -> float:
-    """Spearman's rho of two equally long sequences (average ranks for ties); NaN when fewer
-    than two values or when either sequence is constant."""
-    from scipy.stats import rankdata
+    """Spearman's rho of two equally long sequences (``scipy.stats.spearmanr``: average ranks for
+    ties); NaN when fewer than two values or when either sequence is constant."""
+    from scipy.stats import spearmanr
 
     a = np.asarray(torch.as_tensor(x, dtype=torch.float64).flatten())
     b = np.asarray(torch.as_tensor(y, dtype=torch.float64).flatten())
     if a.shape != b.shape:
         raise ValueError(f"spearman needs equally long inputs, got {a.size} and {b.size}")
     if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return math.nan
-    ra, rb = rankdata(a), rankdata(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
+        return math.nan  # undefined (scipy would warn and return NaN)
+    return float(spearmanr(a, b)[0])
 
 
 def ambiguity_auroc(uncertainty: Tensor, ambiguous: Tensor) -> float:

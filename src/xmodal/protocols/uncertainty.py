@@ -41,7 +41,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from xmodal import inputs
-from xmodal.data.ambiguity import FILE, Item, cir_item, read_sidecar, sidecar_folder
+from xmodal.data.ambiguity import (
+    FILE,
+    Item,
+    caption_item,
+    cir_item,
+    read_sidecar,
+    sidecar_folder,
+)
 from xmodal.metrics.ambiguity import DEFAULT_THRESHOLD, ambiguity_scores
 from xmodal.runs import atomic_write_text
 
@@ -74,7 +81,7 @@ def retrieval_items(
     for image in split.caption_image:
         j = seen[image] = seen.get(image, -1) + 1
         if keep[image]:
-            captions.append(f"{images[image]}#{j}")
+            captions.append(caption_item(images[image], j))
     return {"i2t": [i for i, ok in zip(images, keep) if ok], "t2i": captions}
 
 

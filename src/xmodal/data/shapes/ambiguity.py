@@ -40,7 +40,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from xmodal.data.ambiguity import CLEAR, FILE, FORMAT, Item
+from xmodal.data.ambiguity import CLEAR, FILE, FORMAT, Item, caption_item
 from xmodal.data.shapes.captions import (
     _NUMBERS,
     _PREFIX,
@@ -262,7 +262,7 @@ def retrieval_item(
     captions = []
     for j in range(n_captions):
         item = rec.draw(CAPTION_KINDS, CAPTION_LEVELS, training=training)
-        rec.add(folder, f"{image_id}#{j}", item, CAPTION_KINDS)
+        rec.add(folder, caption_item(image_id, j), item, CAPTION_KINDS)
         if item.kind == CLEAR:
             captions.append(specific_caption(scene, rec.rng))
         else:
