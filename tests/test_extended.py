@@ -365,12 +365,26 @@ def test_missing_ground_truth_file_names_it(shapes_world, tmp_path):
 # ---------------------------------------------------------------------- shapes runs
 
 
-def test_shapes_retrieval_run_reports_the_extended_keys(xmodal_env, shapes_world, tmp_path):
+def test_shapes_retrieval_run_reports_the_extended_keys(
+    xmodal_env, shapes_world, tmp_path, monkeypatch
+):
     """`xmodal-eval experiment=shapes/retrieval` (in process) on the small world reports every
-    extended-positive key; COCO 5k equals CLIP_benchmark's R@K where the protocols agree."""
+    extended-positive key, each equal to eccv_caption's value on the ranking of the very
+    embeddings whose CLIP_benchmark R@K the run reports (the Karpathy test's 5 extra captions
+    take no part in the protocols), keyed by the split's COCO ids."""
     from xmodal import backbones
     from xmodal.config import compose
     from xmodal.pipeline import evaluate
+    from xmodal.protocols import extended as protocol
+    from xmodal.protocols.retrieval import image_text_retrieval_metrics
+
+    seen, original = {}, protocol.coco_extended_metrics
+
+    def spy(images, texts, image_ids, caption_ids, gt, *args, **kwargs):
+        seen.update(images=images, texts=texts, image_ids=image_ids, caption_ids=caption_ids, gt=gt)
+        return original(images, texts, image_ids, caption_ids, gt, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "coco_extended_metrics", spy)
 
     torch.manual_seed(0)
     model, _, _ = backbones.build("tiny_clip")
@@ -389,6 +403,23 @@ def test_shapes_retrieval_run_reports_the_extended_keys(xmodal_env, shapes_world
         for key in ("eccv/{d}/mAP@R", "eccv/{d}/R-P", "pm/{d}/R-P"):
             assert 0 <= metrics["test/" + key.format(d=d)] <= 100
     assert metrics["test/eccv/i2t/num_queries"] == 15 and metrics["test/eccv/t2i/num_queries"] == 75
+    split = coco.load(shapes_world / "coco", "test", ids=True)
+    assert seen["image_ids"] == split.image_ids and seen["caption_ids"] == split.caption_ids
+    images, texts, gt = seen["images"], seen["texts"], seen["gt"]
+    assert texts.shape[0] == len(split.captions) == len(gt.caption_order) + 5
+    # the same embeddings give the run's CLIP_benchmark R@K (over all 155 captions)
+    clip = image_text_retrieval_metrics(images, texts, torch.tensor(split.caption_image), KS)
+    for d in DIRS:
+        for k in KS:
+            assert metrics[f"test/{d}/R@{k}"] == pytest.approx(clip[f"{d}/R@{k}"], abs=1e-9)
+    protocol_captions = set(gt.caption_order)
+    keep = [c in protocol_captions for c in split.caption_ids]
+    ref = eccv_reference(
+        gt.sets, gt.caption_order, split.image_ids, split.caption_ids, images @ texts.T, keep
+    )
+    assert "pm/i2t/R-P" in ref
+    for key, value in ref.items():
+        assert metrics[f"test/{key}"] == pytest.approx(value, abs=1e-9), key
 
 
 def test_ids_of_dropped_images_and_their_captions_are_dropped_too():

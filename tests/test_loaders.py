@@ -604,7 +604,10 @@ def test_prepare_conversions(world: Path, tmp_path: Path, capsys: pytest.Capture
     args = ["--root", str(tmp_path / "coco"), "--hf-snapshot", str(world / "coco/wds")]
     assert prep.main([*args, "--annotations", str(world / "coco/annotations")]) == 0
     assert "test   " in (out := capsys.readouterr().out) and ", COCO ids" in out
-    assert coco.load(tmp_path / "coco", "test", ids=True).caption_ids  # wds + captions json
+    # wds + the linked captions json give the ids the world's Karpathy json gives
+    prepared = coco.load(tmp_path / "coco", "test", ids=True)
+    karpathy = coco.load(world / "coco", "test", fmt="karpathy", ids=True)
+    assert prepared.image_ids == karpathy.image_ids and prepared.caption_ids == karpathy.caption_ids
     snap = tmp_path / "snap"
     snap.mkdir()
     (snap / "flickr_annotations_30k.csv").symlink_to(world / "flickr30k/flickr_annotations_30k.csv")

@@ -47,6 +47,8 @@ from xmodal.retrieval.search import DEFAULT_CHUNK_SIZE, DEFAULT_GALLERY_CHUNK_SI
 log = logging.getLogger("xmodal")
 
 DIRECTIONS = ("i2t", "t2i")
+#: direction -> (query modality, gallery modality)
+MODALITY = {"i2t": ("image", "caption"), "t2i": ("caption", "image")}
 FOLDS = 5
 #: ground-truth set -> key prefix; every set gives R@K except pm (R-Precision only)
 PREFIX = {"coco": "coco5k", "cxc": "cxc", "eccv": "eccv", "pm": "pm"}
@@ -143,14 +145,13 @@ def coco_extended_metrics(
             f"extended-positive ground truth {gt.source} (is it the COCO 5k test?); set "
             "data.extended_positives=null to evaluate without it"
         )
-    modality = {"i2t": ("image", "caption"), "t2i": ("caption", "image")}
     keep = {"image": keep_image, "caption": keep_caption}
     items = {"image": images, "caption": texts}
     metrics: dict[str, float] = {}
     result = ExtendedResult(metrics)
     counted_5k: dict[str, Tensor] = {}
     for d in DIRECTIONS:
-        q, g = modality[d]
+        q, g = MODALITY[d]
         found = {
             name: _pairs(sets[d], index[q], index[g], keep[q], keep[g])
             for name, sets in gt.sets.items()
@@ -180,14 +181,13 @@ def coco_extended_metrics(
                 result.eccv_rprecision[d] = res.rp.clone()
         counted_5k[d] = ranked["coco"].has_positives
         log.info("extended positives %s: top-%d search of %d queries", d, res.depth, len(res.rank))
-    metrics.update(_coco_1k(items, index, keep, gt, counted_5k, ks, chunk_size, score_fn))
+    metrics.update(_coco_1k(items, index, gt, counted_5k, ks, chunk_size, score_fn))
     return result
 
 
 def _coco_1k(
     items: dict[str, Tensor],
     index: dict[str, _Index],
-    keep: dict[str, Tensor],
     gt: ExtendedPositives,
     counted_5k: dict[str, Tensor],
     ks: Sequence[int],
@@ -210,8 +210,8 @@ def _coco_1k(
         }
         # loaded order within the fold, so that ties still go to the lower index of the split
         pos = {m: torch.from_numpy(np.sort(p[p >= 0])) for m, p in pos.items()}
-        sub = {m: _Index(np.asarray(index[m].ids)[pos[m].numpy()], m) for m in pos}
-        for d, (q, g) in {"i2t": ("image", "caption"), "t2i": ("caption", "image")}.items():
+        sub = {m: _Index(index[m].ids[pos[m].numpy()], m) for m in pos}
+        for d, (q, g) in MODALITY.items():
             if not len(pos[q]) or not len(pos[g]):
                 continue
             every = torch.ones(len(pos[q]), dtype=torch.bool)
@@ -226,8 +226,9 @@ def _coco_1k(
                 chunk_size=chunk_size,
                 score_fn=score_fn,
             )["coco"]
-            # the fold's queries that have a positive at all (a positive outside the fold: a miss)
-            counted = counted_5k[d][pos[q]] & keep[q][pos[q]]
+            # the fold's queries that have a positive at all (a positive outside the fold: a miss);
+            # counted_5k is already False for a query outside the evaluated items
+            counted = counted_5k[d][pos[q]]
             recalls[d].append(_recalls(res, counted, ks))
     out = {}
     for d, folds in recalls.items():
