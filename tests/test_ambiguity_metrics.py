@@ -21,6 +21,7 @@ from xmodal.protocols.uncertainty import (
     csv_path,
     read_query_csv,
     write_query_csv,
+    write_retrieval_csvs,
 )
 from xmodal.runs import read_metrics
 
@@ -262,3 +263,19 @@ def test_probvlm_run_scores_its_variances(xmodal_env):
         total = torch.tensor(columns["total"]).double()
         parts = torch.tensor(columns["uncertainty"]).double() + torch.tensor(columns["epistemic"])
         torch.testing.assert_close(total, parts.double())  # eq 9
+
+
+def test_retrieval_csvs_put_the_first_column_as_uncertainty(tmp_path):
+    items = {"i2t": ["a.png", "b.png"], "t2i": ["a.png#0", "a.png#1", "b.png#0"]}
+    ranks = {"i2t": torch.tensor([0, 3]), "t2i": torch.tensor([1, 0, 2])}
+    uncertainties = {
+        "top1_similarity": {"i2t": torch.tensor([-0.5, -0.25]), "t2i": torch.tensor([1.0, 2, 3])},
+        "adversarial": {"i2t": torch.tensor([0.1, 0.2]), "t2i": torch.tensor([0.0, 0.5, 1.0])},
+    }
+    write_retrieval_csvs(tmp_path, items, ranks, uncertainties)
+    lines = (tmp_path / "uncertainty" / "test_i2t.csv").read_text().splitlines()
+    assert lines[0] == "query,item,target_rank,uncertainty,adversarial"
+    assert lines[2].split(",")[:4] == ["1", "b.png", "3", "-0.25"]
+    ids, columns = read_query_csv(tmp_path / "uncertainty" / "test_t2i.csv")
+    assert ids == items["t2i"] and columns["uncertainty"] == [1.0, 2.0, 3.0]
+    assert columns["adversarial"] == [0.0, 0.5, 1.0]

@@ -110,5 +110,70 @@ def test_the_option_adds_pcmepp_keys_to_uclip_and_probvlm_reports():
         assert both[f"test/{d}/pcmepp/pearson"] == pytest.approx(pearsonr(level, reference)[0])
     # the evaluator passes its option through
     evaluator = UCLIPEvaluator(pcmepp=True, rejection_step_t2i=10, rejection_step_i2t=5)
-    metrics, _ = evaluator.score(Posterior(texts[None], images[None], caption_image))
-    assert "test/t2i/pcmepp/pearson" in metrics and "test/i2t/pcmepp/pearson" in metrics
+    posterior = Posterior(texts[None], images[None], caption_image)
+    metrics, _ = evaluator.score(posterior)
+    for d, c in zip(("t2i", "i2t"), posterior.confidence(evaluator.methods[0])):
+        reference = pcmepp_reference(-c.numpy(), (ranks[d] < 1).numpy(), 10)[::-1]
+        expected = pearsonr(np.arange(10)[::-1], reference)[0]
+        assert metrics[f"test/{d}/pcmepp/pearson"] == pytest.approx(expected, nan_ok=True)
+
+
+def test_eccv_rprecision_calibration_by_hand():
+    """uCLIP calibrated against each query's ECCV Caption R-Precision (NaN = not listed): the
+    equal-width bins span the listed queries only and average their R-P; PCME++'s bins take every
+    query and average over the listed ones."""
+    from xmodal.evaluators.uclip import UCLIPEvaluator
+
+    nan = math.nan
+    conf = torch.tensor([-1.0, 0.0, 0.2, 0.5, 0.9, 1.0, 0.95])
+    rp = torch.tensor([nan, 0.0, 0.2, 0.4, nan, 1.0, 0.8], dtype=torch.float64)
+    evaluator = UCLIPEvaluator(num_bins=3, pcmepp=True)
+    scalars, bins = evaluator.eccv_calibration(conf, rp)
+    # listed confidences span [0, 1]: bins [0, 1/3) {0, 0.2}, [1/3, 2/3) {0.5}, [2/3, 1] {1, 0.95}
+    assert [b[3] for b in bins] == pytest.approx([0.1, 0.4, 0.9])
+    assert [b[2] for b in bins] == pytest.approx([0.1, 0.5, 0.975])
+    assert scalars["num_bins"] == 3 and scalars["S"] == pytest.approx(-1.0)
+    # least squares of (0.1, 0.4, 0.9) on (0, 1, 2): slope 0.4, residuals (1, -2, 1) / 30
+    r2 = 1 - (6 / 900) / (0.98 / 3)
+    assert scalars["R2"] == pytest.approx(r2) and scalars["-SR2"] == pytest.approx(r2)
+    # PCME++: bins of 7 // 3 = 2 by decreasing confidence, -1.0 dropped; {1, .95} -> 0.9,
+    # {.9 (unlisted), .5} -> 0.4, {.2, 0} -> 0.1; Pearson of levels (2, 1, 0) with (0.1, 0.4, 0.9)
+    assert scalars["pcmepp/pearson"] == pytest.approx(-0.8 / math.sqrt(2 * 0.98 / 3))
+    empty, none = evaluator.eccv_calibration(conf, torch.full((7,), nan, dtype=torch.float64))
+    assert math.isnan(empty["S"]) and empty["num_bins"] == 0 and none == []
+
+
+def test_score_reports_the_eccv_calibration_of_every_method():
+    """``score`` with an extended-positive result: every method's ``eccv_R-P`` keys (the first
+    method under ``test/<d>``, the others under ``test/<method>/<d>``) are those of its own
+    confidences, and the protocols' metrics pass through under ``test/``."""
+    from test_uclip import make_samples
+    from xmodal.evaluators.uclip import Posterior, UCLIPEvaluator
+    from xmodal.protocols.extended import ExtendedResult
+
+    text, image, caption_image = make_samples()
+    posterior = Posterior(text, image, caption_image)
+    g = torch.Generator().manual_seed(0)
+    rp = {}
+    for d, n in (("t2i", text.shape[1]), ("i2t", image.shape[1])):
+        rp[d] = torch.rand(n, generator=g, dtype=torch.float64)
+        rp[d][::4] = math.nan
+    extended = ExtendedResult({"eccv/t2i/R-P": 12.5}, rp)
+    evaluator = UCLIPEvaluator(
+        method="top1_similarity",
+        compare=["top1_consistency"],
+        num_bins=4,
+        rejection_step_t2i=10,
+        rejection_step_i2t=4,
+    )
+    metrics, curves = evaluator.score(posterior, extended)
+    assert metrics["test/eccv/t2i/R-P"] == 12.5
+    prefixes = {"top1_similarity": "test", "top1_consistency": "test/top1_consistency"}
+    for method, prefix in prefixes.items():
+        for d, conf in zip(("t2i", "i2t"), posterior.confidence(method)):
+            scalars, bins = evaluator.eccv_calibration(conf, rp[d])
+            assert bins and curves["methods"][method][d]["eccv_bins"] == bins
+            for key, value in scalars.items():
+                assert metrics[f"{prefix}/{d}/eccv_R-P/{key}"] == pytest.approx(value, nan_ok=True)
+            # not the top-1 hits' numbers: the R-P target changes the bins
+            assert bins != curves["methods"][method][d]["bins"]

@@ -427,20 +427,13 @@ class UCLIPEvaluator:
         """Per-query uncertainties (-confidence of every method; ``uncertainty`` is ``method``'s)
         to ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`): image
         queries named by their path relative to ``data.root``, captions by ``<image>#<j>``."""
-        from xmodal.protocols.uncertainty import csv_path, retrieval_items, write_query_csv
+        from xmodal.protocols.uncertainty import retrieval_items, write_retrieval_csvs
 
+        uncertainties = {
+            m: {d: -c.double() for d, c in self.confidences[m].items()} for m in self.methods
+        }
         items = retrieval_items(split, ctx.cfg.data.root, valid)
-        ranks = posterior.ranks()
-        for d in DIRECTIONS:
-            conf = {m: self.confidences[m][d].double() for m in self.methods}
-            columns = {"uncertainty": -conf[self.methods[0]]}
-            columns.update({m: -conf[m] for m in self.methods[1:]})
-            leading = {
-                "query": range(len(items[d])),
-                "item": items[d],
-                "target_rank": ranks[d].tolist(),
-            }
-            write_query_csv(csv_path(ctx.run_dir, "test", d), leading, columns)
+        write_retrieval_csvs(ctx.run_dir, items, posterior.ranks(), uncertainties)
 
     def extended(
         self,

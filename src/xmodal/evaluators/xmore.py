@@ -617,7 +617,7 @@ class XMoReEvaluator:
         p_image, p_text, labels = p_image_all[idx], p_text_all[idx], labels_all[idx]
         pred_image, pred_text = p_image.argmax(dim=1), p_text.argmax(dim=1)
         conf_image, conf_text = stream_confidences(p_image, p_text)  # once: order-independent
-        if self.save_stream and ctx.is_rank_zero:
+        if ctx.is_rank_zero:  # the uncertainty interface, whatever save_stream says
             self._write_uncertainty(ctx, split, idx, (pred_image, pred_text), conf_image, conf_text)
         seeds = self.seeds if self.seeds is not None else [int(ctx.cfg.seed)]
         by_norm: dict[str, list[float]] = {n: [] for n in NORMALIZERS}

@@ -638,14 +638,7 @@ class ProbVLM(pl.LightningModule):
         """Each query's predicted variances (``method.uncertainty`` first) to
         ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`), scored against
         the data's ambiguity when it records one."""
-        from xmodal.protocols.uncertainty import csv_path, write_query_csv
+        from xmodal.protocols.uncertainty import write_retrieval_csvs
 
-        for d, values in (("i2t", image), ("t2i", text)):
-            columns = {"uncertainty": values[names[0]].double()}
-            columns.update({u: values[u].double() for u in names[1:]})
-            leading = {
-                "query": range(len(items[d])),
-                "item": items[d],
-                "target_rank": ranks[d].tolist(),
-            }
-            write_query_csv(csv_path(self.run_dir, "test", d), leading, columns)
+        uncertainties = {u: {"i2t": image[u].double(), "t2i": text[u].double()} for u in names}
+        write_retrieval_csvs(self.run_dir, items, ranks, uncertainties)

@@ -110,6 +110,29 @@ def write_query_csv(
     atomic_write_text(Path(path), buf.getvalue())
 
 
+def write_retrieval_csvs(
+    run_dir: Path | str,
+    items: Mapping[str, Sequence[str]],
+    ranks: Mapping[str, Tensor],
+    uncertainties: Mapping[str, Mapping[str, Tensor]],
+    stage: str = "test",
+) -> None:
+    """The image-text files of uCLIP and ProbVLM: ``<stage>_i2t.csv`` and ``<stage>_t2i.csv``
+    with ``query, item, target_rank`` then one column per entry of ``uncertainties`` (name ->
+    ``{"i2t": [I], "t2i": [T]}``), the first written as ``uncertainty``. ``items``: the query
+    ids of :func:`retrieval_items`; ``ranks``: each query's target rank per direction."""
+    names = list(uncertainties)
+    for d in ("i2t", "t2i"):
+        columns = {FIRST_UNCERTAINTY: uncertainties[names[0]][d]}
+        columns.update({name: uncertainties[name][d] for name in names[1:]})
+        leading = {
+            "query": range(len(items[d])),
+            "item": items[d],
+            "target_rank": torch.as_tensor(ranks[d]).tolist(),
+        }
+        write_query_csv(csv_path(run_dir, stage, d), leading, columns)
+
+
 def read_query_csv(path: Path | str) -> tuple[list[str], dict[str, list[float]]]:
     """(query ids, uncertainty column -> values) of a per-query uncertainty file."""
     with open(path, newline="") as f:
