@@ -210,3 +210,31 @@ def test_rank_of_top1_is_zero_on_continuous_scores(gallery_chunk_size):
     _, indices = topk(queries, gallery, 3, **opts)
     for j in range(3):
         assert (rank_of(queries, gallery, indices[:, j], **opts) == j).all()
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_low_precision_embeddings_rank_in_float32(half):
+    """bf16/fp16 embeddings at CLIP ViT-L's width (d = 768) rank as their float32 values do.
+
+    Dot products kept in bf16 round cosines ~0.03 to 2^-13 steps near 0.03 but 2^-9 near 0.3: in
+    a gallery of 4,000 many scores tie and the ranking follows the tie rule, not the embeddings.
+    """
+    gen = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(4000, 768, generator=gen), dim=-1)
+    queries = torch.nn.functional.normalize(
+        gallery[:200] + 0.8 * torch.randn(200, 768, generator=gen) / 768**0.5, dim=-1
+    )
+    q, g = queries.to(half), gallery.to(half)
+    exact = q.double() @ g.double().T  # the embeddings users hold, scored exactly
+    values, indices = topk(q, g, 10, chunk_size=64, gallery_chunk_size=1000)
+    assert values.dtype == torch.float32
+    reference = exact.topk(10, dim=1).indices
+    assert torch.equal(indices, reference)
+    # the same ranking kept in the input precision disagrees: the test has teeth
+    low = (q @ g.T).float()
+    assert (low.topk(10, dim=1).indices != reference).any()
+    ranks = rank_of(q, g, torch.arange(200), chunk_size=64, gallery_chunk_size=1000)
+    torch.testing.assert_close(ranks, (exact > exact.diagonal()[:, None]).sum(1))
+    target = gather_scores(q, g, torch.arange(200)[:, None])
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target[:, 0].double(), exact.diagonal(), rtol=0, atol=1e-6)

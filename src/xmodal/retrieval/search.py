@@ -16,6 +16,12 @@ ascending) and so come last. Scores must not contain NaN.
 Scores come from ``score_fn(query_chunk, gallery_chunk) -> [q, g]``; the default is the dot product
 (normalise both sides beforehand for cosine). Distance-based methods (HUG ranks by an expected
 distance) pass their own ``score_fn`` with ``largest=False``.
+
+**Precision.** The default dot product is computed and returned in float32 at least (float64 stays
+float64): bf16 or fp16 embeddings, as a mixed-precision encoder hands them out, are upcast chunk by
+chunk. Their dot products in bf16 would keep 8 bits of mantissa, so scores 0.004 apart at cosine
+~0.3 tie and ranks follow the tie rule instead of the embeddings. A custom ``score_fn`` sets its own
+precision.
 """
 
 from __future__ import annotations
@@ -121,7 +127,7 @@ def _blocks(
     if chunk_size < 1 or gallery_chunk_size < 1:
         raise ValueError("chunk_size and gallery_chunk_size must be >= 1")
     num_q, num_g = queries.shape[0], gallery.shape[0]
-    buffer, dtype = None, torch.promote_types(queries.dtype, gallery.dtype)
+    buffer, dtype = None, _score_dtype(queries, gallery)
     if score_fn is None:
         shape = (min(chunk_size, num_q), min(gallery_chunk_size, num_g))
         buffer = torch.empty(shape, dtype=dtype, device=queries.device)
@@ -256,9 +262,8 @@ def topk_scores(
 
 
 def _score_dtype(queries: Tensor, gallery: Tensor) -> torch.dtype:
-    if queries.is_floating_point() or gallery.is_floating_point():
-        return torch.promote_types(queries.dtype, gallery.dtype)
-    return torch.float32
+    """The default dot product's dtype: the inputs' promoted, and at least float32 (module doc)."""
+    return torch.promote_types(torch.promote_types(queries.dtype, gallery.dtype), torch.float32)
 
 
 def _target_scores(blocks: Iterator[tuple[int, int, int, Tensor]], target: Tensor) -> Tensor:
@@ -382,7 +387,9 @@ def gather_scores(
     its chunk references.
     """
     index = torch.as_tensor(index, dtype=torch.long)
-    score_fn = score_fn or dot_score
+    if score_fn is None:  # the default dot product at the precision of topk's (module doc)
+        dtype = _score_dtype(queries, gallery)
+        score_fn = lambda q, g: dot_score(q.to(dtype), g.to(dtype))  # noqa: E731
     out = []
     for q0 in range(0, queries.shape[0], chunk_size):
         q_chunk, idx = queries[q0 : q0 + chunk_size], index[q0 : q0 + chunk_size]
