@@ -13,6 +13,7 @@ from xmodal.methods.ruir import (
     RUIR,
     RUIRConfig,
     UncertaintyAugmenter,
+    attenuated_loss,
     csu_loss,
     csu_positives,
     dr_loss,
@@ -193,6 +194,55 @@ def test_training_step_adds_the_kl_term_and_trains_the_variance_heads(tiny_clip)
     assert loss.item() == pytest.approx(logged["train/isu"] + logged["train/kl"], rel=1e-5)
     assert module.source.blocks[-1].logvar.bias.grad is not None
     assert {"train/noise_ratio_s", "train/noise_ratio_t"} <= set(logged)
+
+
+def test_attenuated_loss_by_hand_and_its_minimum_is_the_log_loss():
+    """mean_i exp(-s_i) l_i + s_i (Kendall & Gal eq. 8), minimal over s_i at s_i = log l_i."""
+    losses, s = torch.tensor([0.5, 2.0, 3.0]), torch.tensor([0.0, 1.0, -1.0])
+    by_hand = (0.5 + 0) + (2.0 / math.e + 1) + (3.0 * math.e - 1)
+    assert attenuated_loss(losses, s).item() == pytest.approx(by_hand / 3, rel=1e-6)
+    s = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.SGD([s], lr=0.5)
+    for _ in range(300):
+        optimizer.zero_grad()
+        attenuated_loss(losses, s).backward()
+        optimizer.step()
+    torch.testing.assert_close(s.detach(), losses.log(), rtol=0, atol=1e-4)
+
+
+def test_training_step_attenuates_each_query_by_its_own_variance(tiny_clip):
+    """method.attenuation: the loss is mean_i exp(-s_i) l_i + s_i with l_i the query's ISU + CSU
+    loss and s_i its log mean sigma_s^2 relative to the initial one (0 at initialisation), so at
+    the start the loss equals the unattenuated one; the variance heads get per-query gradients."""
+    model, _, tokenizer = tiny_clip
+    cfg = RUIRConfig(dr=False, attenuation=True, dropout=0.0)
+    module = RUIR(model, 64, cfg)
+    assert module.log_variance_init.item() == pytest.approx(
+        module.source.blocks[-1].logvar.bias.mean().item(), abs=1e-5
+    )
+    logged = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
+    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    module.train()
+    batch = {
+        "reference": torch.randn(4, 3, 32, 32),
+        "target": torch.randn(4, 3, 32, 32),
+        "text": tokenizer(["a", "b", "c", "d"]),
+    }
+    torch.manual_seed(0)
+    loss = module.training_step(batch, 0)
+    assert set(logged) >= {"train/isu", "train/csu", "train/attenuated"}
+    # s_i = 0 at initialisation (input-independent sigma): exp(0) l_i + 0, the plain sum
+    assert loss.item() == pytest.approx(logged["train/isu"] + logged["train/csu"], rel=1e-5)
+    loss.backward()
+    weight_grad = module.source.blocks[-1].logvar.weight.grad
+    assert weight_grad is not None and weight_grad.abs().sum() > 0  # sigma learns per query
+    # the reference variance one e-fold lower: s_i = 1 for every query, the same samples
+    module.log_variance_init -= 1.0
+    torch.manual_seed(0)
+    shifted = module.training_step(batch, 0)
+    expected = math.exp(-1) * (logged["train/isu"] + logged["train/csu"]) + 1
+    assert shifted.item() == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- augmenter

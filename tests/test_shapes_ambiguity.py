@@ -529,3 +529,42 @@ def test_a_world_this_xmodal_would_rewrite_makes_its_finished_runs_stale(noisy, 
     reason = outdated_world({**data, "shapes_dir": str(tmp_path)})
     assert reason is not None and str(tmp_path) in reason
     assert outdated_world({**data, "shapes_dir": str(tmp_path / "missing")}) is not None
+
+
+def test_shapes_seed_draws_another_world_into_its_own_folder(xmodal_env, tmp_path):
+    """data.shapes_seed=k (k != 0) reads and writes the world of seed k in <shapes_dir>-seed<k>
+    (after the ambiguity suffixes), with its own run directories and X-MoRe index; its manifest
+    records the seed, and a seed-0 world in its folder would be rewritten (the run is stale)."""
+    from xmodal.config import compose
+    from xmodal.data.datamodule import ensure_shapes_world
+    from xmodal.data.world_manifest import outdated_world
+
+    default = compose("eval", ["experiment=xmore/shapes_coop", "data.shapes_world=small"])
+    seeded = compose(
+        "eval", ["experiment=xmore/shapes_coop", "data.shapes_world=small", "data.shapes_seed=1"]
+    )
+    assert seeded.data.shapes_dir == default.data.shapes_dir + "-seed1"
+    assert seeded.run_dir != default.run_dir
+    assert seeded.evaluator.index.folder.endswith("shapes-seed1_pool")
+    both = compose(
+        "eval",
+        [
+            "experiment=xmore/shapes_coop",
+            "data.shapes_ambiguity=true",
+            "data.shapes_pool_noise=0.5",
+            "data.shapes_seed=2",
+        ],
+    )
+    assert both.data.shapes_dir == default.data.shapes_dir + "-ambiguity-noise0.5-seed2"
+    for bad in ("-1", "one"):
+        with pytest.raises(Exception, match="shapes_seed"):
+            compose("eval", ["experiment=xmore/shapes_coop", f"data.shapes_seed={bad}"])
+
+    data = seeded.data.copy()
+    data.shapes_dir = str(tmp_path / "seed1")
+    ensure_shapes_world(data, None)
+    assert load(tmp_path / "seed1" / "MANIFEST.json")["seed"] == 1
+    assert outdated_world(data) is None
+    write_world(tmp_path / "seed0", seed=0, size="small")
+    assert outdated_world({**data, "shapes_dir": str(tmp_path / "seed0")}) is not None
+    assert digest(tmp_path / "seed1" / "coco") != digest(tmp_path / "seed0" / "coco")

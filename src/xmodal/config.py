@@ -124,10 +124,21 @@ def _flag(name: str, value: Any) -> bool:
     return str(value).lower() in ("true", "1")
 
 
-def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0, train: Any = False) -> str:
+def shapes_variant(ambiguity: Any, pool_noise: Any = 0.0, train: Any = False, seed: Any = 0) -> str:
     """The suffix of the shapes world's folder: "" (default world), or "-ambiguity" followed by
     "-noise<p>" and "-train" when set (``data.shapes_ambiguity``, ``data.shapes_pool_noise``,
-    ``data.shapes_ambiguity_train``)."""
+    ``data.shapes_ambiguity_train``), then "-seed<k>" for a world drawn from another seed than 0
+    (``data.shapes_seed``)."""
+    try:
+        seed = int(seed or 0)
+    except ValueError:
+        raise ConfigError(f"data.shapes_seed must be an integer >= 0, got {seed!r}") from None
+    if seed < 0:
+        raise ConfigError(f"data.shapes_seed must be an integer >= 0, got {seed}")
+    return _ambiguity_variant(ambiguity, pool_noise, train) + (f"-seed{seed}" if seed else "")
+
+
+def _ambiguity_variant(ambiguity: Any, pool_noise: Any, train: Any) -> str:
     noise = float(pool_noise or 0.0)
     ambiguous, train = _flag("shapes_ambiguity", ambiguity), _flag("shapes_ambiguity_train", train)
     if not ambiguous:
@@ -195,7 +206,8 @@ class DataConfig:
     shapes_ambiguity: bool = False  # the ambiguity world (per-item ambiguity.json) instead
     shapes_pool_noise: float = 0.0  # ambiguity world: share of X-MoRe pool captions that are wrong
     shapes_ambiguity_train: bool = False  # ambiguity world: training splits ambiguous too
-    shapes_variant: str = ""  # "", "-ambiguity[-noise<p>][-train]" (xmodal.shapes_variant)
+    shapes_seed: int = 0  # the seed the shapes world is drawn from (folder suffix -seed<k>)
+    shapes_variant: str = ""  # "", "-ambiguity[-noise<p>][-train]", then "-seed<k>" if k != 0
     shapes_dir: str | None = None  # the shapes world read: paths.shapes_dir + shapes_variant
     batch_size: int = 64
     num_workers: int = 0

@@ -25,7 +25,8 @@ FAMILIES = ("coco", "flickr30k", "fashioniq", "cirr", "imagenet", "coop")
 
 def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int = 0) -> None:
     """Write the shapes world if ``data.shapes_world`` names a size: at ``data.shapes_dir`` (else
-    ``shapes_dir``), the ambiguity world when ``data.shapes_ambiguity`` is true.
+    ``shapes_dir``), the ambiguity world when ``data.shapes_ambiguity`` is true, drawn from
+    ``data.shapes_seed``.
 
     Only rank 0 writes (atomically); other ranks wait for the manifest.
     """
@@ -33,13 +34,13 @@ def ensure_shapes_world(data_cfg: DictConfig, shapes_dir: Path | str, rank: int 
     if not size:
         return
     from xmodal.data.shapes import write_world
-    from xmodal.data.world_manifest import SEED, data_ambiguity
+    from xmodal.data.world_manifest import data_ambiguity, data_seed
 
     shapes_dir = data_cfg.get("shapes_dir") or shapes_dir
     ambiguity = data_ambiguity(data_cfg) or False
     manifest = Path(shapes_dir) / "MANIFEST.json"
     if rank == 0:
-        write_world(shapes_dir, seed=SEED, size=size, ambiguity=ambiguity)
+        write_world(shapes_dir, seed=data_seed(data_cfg), size=size, ambiguity=ambiguity)
         return
     deadline = time.time() + 600
     while not manifest.is_file():

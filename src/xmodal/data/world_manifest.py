@@ -14,7 +14,12 @@ FORMAT_VERSION = 2  # 2: COCO captions_*2014.json and eccv_caption ground truth
 #: classification sets
 AMBIGUITY_VERSION = 2
 AMBIGUITY_FRACTION = 0.5  # the share of each dataset's items made ambiguous (the default)
-SEED = 0  # the seed of the worlds the data options write (`data.shapes_world`)
+SEED = 0  # the default seed of the worlds the data options write (`data.shapes_seed`)
+
+
+def data_seed(data_cfg: Any) -> int:
+    """The seed a data config draws its shapes world from (``data.shapes_seed``, default 0)."""
+    return int(data_cfg.get("shapes_seed") or SEED)
 
 
 def ambiguity_record(fraction: float, pool_noise: float, train: bool) -> dict[str, Any]:
@@ -70,6 +75,6 @@ def outdated_world(data_cfg: Any, shapes_dir: str | Path | None = None) -> str |
     path = Path(folder) / "MANIFEST.json"
     asked = data_ambiguity(data_cfg)
     record = None if asked is None else ambiguity_record(AMBIGUITY_FRACTION, **asked)
-    if matches(read_manifest(path), SEED, size, record):
+    if matches(read_manifest(path), data_seed(data_cfg), size, record):
         return None
     return f"the shapes world it read ({path.parent}) is not the one this xmodal writes"

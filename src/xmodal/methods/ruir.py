@@ -17,6 +17,10 @@ Losses (§4), for M samples of both ends, s_ij^(m) = <z_s^i(m), z_t^j(m)> / tau 
     L_DR  = mean_i W2^2(N(mu_s^i, sigma_s^i), N(mu_t^i, sigma_t^i))           (distribution reg.)
     L     = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR  (+ lambda_KL L_KL, off by default)
 
+Option ``attenuation`` (outside the paper): the per-query ranking losses l_i = L_ISU,i +
+lambda_CSU L_CSU,i are replaced by exp(-s_i) l_i + s_i, s_i the query's log mean variance
+(learned loss attenuation), so that sigma grows with what the query cannot rank.
+
 Every loss is :func:`xmodal.probabilistic.exact` (autocast off, float32 inside), so mixed-precision
 training changes the networks' precision, not the losses'. The log-variance heads start at a
 noise/signal ratio ``init_noise_ratio`` for any width d (``logvar_init=null``); ``norm_mean`` and
@@ -65,22 +69,24 @@ def sampled_logits(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
 
 
 @exact
-def multi_positive_infonce(logits: Tensor, positives: Tensor) -> Tensor:
+def multi_positive_infonce(logits: Tensor, positives: Tensor, per_query: bool = False) -> Tensor:
     """mean_m mean_i -(1/|P_i|) sum_{p in P_i} log softmax_j(logits[m, i])_p.
 
     ``logits`` [M, B, B], ``positives`` bool [B, B] (row i = P_i, never empty). With
     ``positives = I`` this is the usual InfoNCE (cross-entropy with labels 0..B-1).
+    ``per_query``: the [B] losses of the queries (mean over m only) instead of their mean.
     """
     log_p = logits.log_softmax(dim=-1)
     pos = positives.to(log_p.dtype)
-    return (-(log_p * pos).sum(-1) / pos.sum(-1)).mean()
+    losses = (-(log_p * pos).sum(-1) / pos.sum(-1)).mean(0)
+    return losses if per_query else losses.mean()
 
 
 @exact
-def isu_loss(z_s: Tensor, z_t: Tensor, tau: Tensor | float) -> Tensor:
+def isu_loss(z_s: Tensor, z_t: Tensor, tau: Tensor | float, per_query: bool = False) -> Tensor:
     """L_ISU: InfoNCE over the stochastic ranking list; z [M, B, d] (M = 1: deterministic)."""
     eye = torch.eye(z_s.shape[1], dtype=torch.bool, device=z_s.device)
-    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), eye)
+    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), eye, per_query)
 
 
 @exact
@@ -96,9 +102,25 @@ def csu_positives(mu_t: Tensor, theta: float, mu_s: Tensor | None = None) -> Ten
 
 
 @exact
-def csu_loss(z_s: Tensor, z_t: Tensor, positives: Tensor, tau: Tensor | float) -> Tensor:
+def csu_loss(
+    z_s: Tensor, z_t: Tensor, positives: Tensor, tau: Tensor | float, per_query: bool = False
+) -> Tensor:
     """L_CSU: multi-positive InfoNCE, the in-batch targets in ``positives`` count as matches."""
-    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), positives)
+    return multi_positive_infonce(sampled_logits(z_s, z_t, tau), positives, per_query)
+
+
+@exact
+def attenuated_loss(per_query: Tensor, log_variance: Tensor) -> Tensor:
+    """Learned loss attenuation (Kendall & Gal, NeurIPS 2017, eq. 8 with s = log sigma^2):
+    mean_i exp(-s_i) l_i + s_i, for per-query losses l [B] and log-variances s [B].
+
+    Not in the RUIR paper (``method.attenuation``): ISU, CSU and DR only reward a smaller sigma,
+    so nothing in them asks sigma to differ between queries. Here the minimum over s_i is at
+    s_i = log l_i: a query's variance grows with the loss its ranking keeps, i.e. with how many
+    targets it cannot tell apart, which is the many-to-many ambiguity the paper's Gaussians stand
+    for. The ranking loss of such a query is weighted down by exp(-s_i) in return.
+    """
+    return (torch.exp(-log_variance) * per_query + log_variance).mean()
 
 
 @exact
@@ -358,9 +380,17 @@ class RUIR(CIRModule):
         # ratio is relative to unit-norm tower outputs when they are not)
         self.source = UncertaintyAugmenter(2 * d, d, input_norm=math.sqrt(2), **ua)
         self.target = UncertaintyAugmenter(d, d, input_norm=1.0, **ua)  # [R] own blocks
-        if not (cfg.isu or cfg.dr or cfg.lambda_kl):  # baseline: sigma takes no part in the loss
-            for block in [*self.source.blocks, *self.target.blocks]:
+        if not (cfg.isu or cfg.dr or cfg.lambda_kl or cfg.attenuation):  # baseline: sigma
+            for block in [*self.source.blocks, *self.target.blocks]:  # takes no part in the loss
                 block.logvar.requires_grad_(False)
+        # attenuation: s_i = log mean_d sigma_s^2 relative to its value at initialisation (the
+        # log-variance weights start at 0, so every query has it), so that s = 0 at the start
+        # and the loss-attenuation optimum sigma^2 = initial sigma^2 x the query's loss keeps the
+        # noise/signal ratio of init_noise_ratio's order instead of sigma^2 ~ loss ~ 1
+        with torch.no_grad():  # (eval mode: no dropout mask drawn, the global RNG untouched)
+            probe = self.source.eval()(torch.zeros(1, 2 * d)).sigma
+        self.source.train()
+        self.register_buffer("log_variance_init", probe.pow(2).mean().log(), persistent=False)
         log_inv_tau = torch.tensor(math.log(1 / cfg.tau))
         if cfg.learn_tau:
             self.log_inv_tau = nn.Parameter(log_inv_tau)
@@ -457,13 +487,20 @@ class RUIR(CIRModule):
         # stochastic ranking list from M samples of both ends; the baseline ranks the means
         z_s, z_t = (src.z, tgt.z) if c.isu else (src.mu[None], tgt.mu[None])
 
-        losses: dict[str, Tensor] = {}
+        ranking: dict[str, Tensor] = {}  # per-query ranking losses [B]
         if not (c.csu and c.csu_replaces_isu):
-            losses["isu"] = isu_loss(z_s, z_t, self.tau)  # L_ISU
+            ranking["isu"] = isu_loss(z_s, z_t, self.tau, per_query=True)  # L_ISU
         if c.csu:
             positives = csu_positives(tgt.mu, c.theta, src.mu if c.csu_space == "query" else None)
-            losses["csu"] = c.lambda_csu * csu_loss(z_s, z_t, positives, self.tau)  # L_CSU
+            ranking["csu"] = c.lambda_csu * csu_loss(  # L_CSU
+                z_s, z_t, positives, self.tau, per_query=True
+            )
             self.log("train/csu_extra_positives", (positives.sum(1) - 1).float().mean())
+        losses = {k: v.mean() for k, v in ranking.items()}
+        if c.attenuation:  # option: the ranking losses attenuated by each query's variance
+            log_var = src.sigma.float().pow(2).mean(-1).log() - self.log_variance_init
+            self.log_dict({f"train/{k}": v for k, v in losses.items()})  # before attenuation
+            losses = {"attenuated": attenuated_loss(sum(ranking.values()), log_var)}
         if c.dr:
             losses["dr"] = c.lambda_dr * dr_loss(  # L_DR, 2-Wasserstein
                 src.mu, src.sigma, tgt.mu, tgt.sigma, normalized=c.dr_on == "normalized"
@@ -472,7 +509,8 @@ class RUIR(CIRModule):
             losses["kl"] = c.lambda_kl * kl_loss(
                 src.mu, src.sigma, tgt.mu, tgt.sigma, c.kl_prior_std
             )
-        loss = sum(losses.values())  # L = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR (+ KL)
+        # L = L_ISU + lambda_CSU L_CSU + lambda_DR L_DR (+ KL); attenuation: the first two
+        loss = sum(losses.values())  # attenuated per query
 
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in losses.items()})

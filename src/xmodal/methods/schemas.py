@@ -67,6 +67,8 @@ class RUIRConfig:
     dr_on: str = "normalized"  # [R] W2 on L2-normalised means (normalized) or raw means
     lambda_kl: float = 0.0  # KL of both Gaussians to N(0, s^2 I) per dimension (0: off)
     kl_prior_std: float | None = None  # s; null: 1/sqrt(d), a noise norm of 1 = a unit mean's
+    attenuation: bool = False  # learned loss attenuation of the ranking losses by the query's
+    # variance (Kendall & Gal 2017; not in the paper): sigma grows with the query's ranking loss
     # -- training (§5)
     lr: float = 1e-5  # [F]
     weight_decay: float = 5e-5  # [F]
