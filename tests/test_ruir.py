@@ -28,6 +28,24 @@ def _ua(n=2, mode="stacked", d_in=6, d=4, dropout=0.5, logvar_init=-5.0):
     return UncertaintyAugmenter(d_in, d, n, mode, 2, dropout, logvar_init, (-60.0, 20.0))
 
 
+def capture_logs(module: RUIR) -> dict[str, float]:
+    """What ``module.log`` / ``log_dict`` record, as floats (no trainer attached)."""
+    logged: dict[str, float] = {}
+    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
+    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    return logged
+
+
+def random_batch(tokenizer, texts: list[str]) -> dict:
+    """A training batch of random 32 px reference and target images and ``texts``."""
+    n = len(texts)
+    return {
+        "reference": torch.randn(n, 3, 32, 32),
+        "target": torch.randn(n, 3, 32, 32),
+        "text": tokenizer(texts),
+    }
+
+
 # ----------------------------------------------------------------------------- ISU
 
 
@@ -179,15 +197,9 @@ def test_training_step_adds_the_kl_term_and_trains_the_variance_heads(tiny_clip)
     model, _, tokenizer = tiny_clip
     module = RUIR(model, 64, RUIRConfig(isu=False, csu=False, dr=False, lambda_kl=0.5))
     assert all(b.logvar.weight.requires_grad for b in module.source.blocks)  # sigma is in L_KL
-    logged = {}
-    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
-    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    logged = capture_logs(module)
     module.train()
-    batch = {
-        "reference": torch.randn(3, 3, 32, 32),
-        "target": torch.randn(3, 3, 32, 32),
-        "text": tokenizer(["a", "b", "c"]),
-    }
+    batch = random_batch(tokenizer, ["a", "b", "c"])
     loss = module.training_step(batch, 0)
     loss.backward()
     assert logged["train/kl"] > 0
@@ -220,15 +232,9 @@ def test_training_step_attenuates_each_query_by_its_own_variance(tiny_clip):
     assert module.log_variance_init.item() == pytest.approx(
         module.source.blocks[-1].logvar.bias.mean().item(), abs=1e-5
     )
-    logged = {}
-    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
-    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    logged = capture_logs(module)
     module.train()
-    batch = {
-        "reference": torch.randn(4, 3, 32, 32),
-        "target": torch.randn(4, 3, 32, 32),
-        "text": tokenizer(["a", "b", "c", "d"]),
-    }
+    batch = random_batch(tokenizer, ["a", "b", "c", "d"])
     torch.manual_seed(0)
     loss = module.training_step(batch, 0)
     assert set(logged) >= {"train/isu", "train/csu", "train/attenuated"}
@@ -344,11 +350,7 @@ def test_training_step_mines_csu_positives_in_the_configured_space(tiny_clip, mo
 
     monkeypatch.setattr(ruir_module, "csu_positives", spy)
     model, _, tokenizer = tiny_clip
-    batch = {
-        "reference": torch.randn(3, 3, 32, 32),
-        "target": torch.randn(3, 3, 32, 32),
-        "text": tokenizer(["a", "b", "c"]),
-    }
+    batch = random_batch(tokenizer, ["a", "b", "c"])
     for space, with_source in (("query", True), ("target", False)):
         module = RUIR(model, 64, RUIRConfig(csu_space=space))
         module.log = module.log_dict = lambda *a, **kw: None
@@ -471,15 +473,9 @@ def test_baseline_freezes_the_variance_heads(tiny_clip):
 def test_training_step_is_finite_and_logs_the_extra_positives(tiny_clip):
     model, preprocess, tokenizer = tiny_clip
     module = RUIR(model, 64, RUIRConfig(theta=-1.0))  # every target a CSU positive
-    logged = {}
-    module.log = lambda key, value, **kw: logged.__setitem__(key, float(value.detach()))
-    module.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    logged = capture_logs(module)
     module.train()
-    batch = {
-        "reference": torch.randn(4, 3, 32, 32),
-        "target": torch.randn(4, 3, 32, 32),
-        "text": tokenizer(["a red circle", "a blue square", "two stars", "a green cross"]),
-    }
+    batch = random_batch(tokenizer, ["a red circle", "a blue square", "two stars", "a green cross"])
     loss = module.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss)
@@ -499,11 +495,7 @@ def test_baseline_step_uses_every_trainable_parameter(tiny_clip):
     module = RUIR(model, 64, RUIRConfig(isu=False, csu=False, dr=False, ua_mode="parallel"))
     module.log = module.log_dict = lambda *a, **kw: None
     module.train()
-    batch = {
-        "reference": torch.randn(3, 3, 32, 32),
-        "target": torch.randn(3, 3, 32, 32),
-        "text": tokenizer(["a", "b", "c"]),
-    }
+    batch = random_batch(tokenizer, ["a", "b", "c"])
     module.training_step(batch, 0).backward()
     assert [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None] == []
 
