@@ -359,3 +359,23 @@ def test_figure4_paper_averages_are_the_notebooks():
             assert derived == {"avg": "mean of the row's 10 paper cells"}
         paper, derived = paper_cells(table, rows[f"{backbone} k=1"])
         assert paper == {} and derived == {}  # the notebook's sweep has no k = 1
+
+
+def test_a_missing_or_broken_table_config_is_one_paragraph_and_exit_code_2(
+    outputs, tmp_path, monkeypatch, capsys
+):
+    """xmodal-table reports an unknown table and a table config that is not valid YAML like the
+    other entry points report expected failures: the file, the fix, exit code 2, no traceback."""
+    from xmodal.cli.table import main
+
+    assert main(["table=no_such_table"]) == 2
+    err = capsys.readouterr().err
+    assert "no table config" in err and "no_such_table.yaml" in err and "Fix: table=<name>" in err
+    assert "hug_fashioniq" in err and "Traceback" not in err
+    (tmp_path / "table").mkdir()
+    broken = tmp_path / "table" / "broken.yaml"
+    broken.write_text("title: t\nrows:\n  - {label: a, overrides: [data=shapes_{column}]}\n")
+    monkeypatch.setattr("xmodal.config.conf_dir", lambda: tmp_path)
+    assert main(["table=broken"]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "not valid YAML" in err and "quote" in err

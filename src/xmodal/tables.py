@@ -477,10 +477,19 @@ def table_config(name: str) -> DictConfig:
     if not path.is_file():
         from xmodal.config import list_configs
 
-        raise FileNotFoundError(
-            f"no table config {path}; available: {', '.join(list_configs('table')) or 'none'}"
+        raise ConfigError(
+            f"no table config {path}. Fix: table=<name> with a name of "
+            f"{', '.join(list_configs('table')) or 'none'}"
         )
-    cfg = OmegaConf.load(path)
+    import yaml  # OmegaConf's parser: its errors name a line and column, not what to do
+
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"table config {path} is not valid YAML: {error}. Fix: in a flow list, quote an "
+            'entry holding braces or a colon ("data=shapes_{column}").'
+        ) from None
     cfg.name = name
     return cfg
 

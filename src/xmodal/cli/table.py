@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         print("tables:", ", ".join(list_configs("table")), file=sys.stderr)
         return 2
+    from xmodal.errors import EXIT_EXPECTED, XmodalError, expected_message
+
+    try:
+        return _run(opts, extra)
+    except XmodalError as err:  # an unknown or broken table config, a bad override, ...
+        print(f"\nxmodal-table: {expected_message(err)}\n", file=sys.stderr)
+        return EXIT_EXPECTED
+
+
+def _run(opts: dict[str, str], extra: list[str]) -> int:
     from xmodal.tables import build, collect, render_markdown, table_config
 
     if opts["todo"].lower() in ("true", "1", "yes"):
