@@ -379,3 +379,20 @@ def test_a_missing_or_broken_table_config_is_one_paragraph_and_exit_code_2(
     assert main(["table=broken"]) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "not valid YAML" in err and "quote" in err
+
+
+def test_a_column_row_keeps_interpolations_for_the_run_to_resolve(outputs):
+    """{column} is filled in; a ${...} in an override is the run's (as on the command line), so the
+    row finds the run made with that override and its todo command carries it as written."""
+    folder = "evaluator.index.folder=${paths.cache_dir}/indices/{column}_strong"
+    row = {**GRID["rows"][0], "overrides": ["data=shapes_{column}", folder]}
+    table = OmegaConf.create({**GRID, "rows": [row]})
+    made = folder.replace("{column}", "dtd")
+    finish(
+        "eval", ["experiment=xmore/shapes_coop", "data=shapes_dtd", made], {"test/acc/xmore": 5.0}
+    )
+    (collected,) = collect(table)
+    assert collected.ours["dtd"] == 5.0 and collected.ours["oxford_flowers"] is None
+    assert "'evaluator.index.folder=${paths.cache_dir}/indices/eurosat_strong'" in " ".join(
+        collected.todo
+    )

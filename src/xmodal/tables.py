@@ -222,17 +222,16 @@ def collect(table: DictConfig, extra_overrides: Sequence[str] = ()) -> list[Tabl
             run_dirs = []
         elif row.get("metric") is not None:  # one run per column
             cells = {}
-            for key in plain:
-                fill = {"column": key}
-                overrides = [f"experiment={str(row.experiment).format(**fill)}"]
-                overrides += [str(o).format(**fill) for o in row.get("overrides", [])]
+            for key in plain:  # {column} -> key; any ${...} is left for compose to resolve
+                overrides = [f"experiment={str(row.experiment).replace('{column}', key)}"]
+                overrides += [o.replace("{column}", key) for o in _raw_overrides(row)]
                 cells[key] = run(task, overrides)
             ours = {k: value(metrics, str(row.metric)) for k, (_, metrics, _) in cells.items()}
             run_dirs = [d for d, _, _ in cells.values()]
             num_runs = len(cells)
             todo = [c for _, metrics, c in cells.values() if metrics is None]
         else:
-            overrides = [f"experiment={row.experiment}", *row.get("overrides", [])]
+            overrides = [f"experiment={row.experiment}", *_raw_overrides(row)]
             run_dir, metrics, command = run(task, overrides)
             prefix = row.get("prefix")
             ours = {k: value(metrics, k if k in shared else metric_key(k, prefix)) for k in plain}
@@ -467,6 +466,13 @@ def render(
             atomic_write_text(path, fn(table, rows))
         written[fmt] = path
     return written
+
+
+def _raw_overrides(row: DictConfig) -> list[str]:
+    """A row's overrides as written: an interpolation (``${paths.cache_dir}``) is the run's to
+    resolve, as on the command line, not the table config's."""
+    raw = OmegaConf.to_container(row, resolve=False).get("overrides") or []
+    return [str(o) for o in raw]
 
 
 def table_config(name: str) -> DictConfig:
