@@ -15,7 +15,7 @@ beside the annotations of every dataset, the ambiguity it injected into each ite
   dataset's folder, e.g. ``n01234567/ILSVRC2012_val_00000001.JPEG``);
 - the X-MoRe pool: the ``image_path`` of the metadata row.
 
-The writers and the scorer (:mod:`xmodal.protocols.ambiguity`) both locate the sidecar with
+The writers and the scorer (:mod:`xmodal.protocols.uncertainty`) both locate the sidecar with
 :func:`sidecar_folder`, so what is written is what is read.
 """
 

@@ -416,24 +416,41 @@ class UCLIPEvaluator:
         extended = None
         if gt is not None:
             extended = self.extended(posterior, *kept_ids(split, valid), gt)
-        metrics, curves = self.score(posterior, extended)
+        confidences = self.method_confidences(posterior)
+        metrics, curves = self.score(posterior, extended, confidences)
         metrics["test/skipped_images"] = skipped
         if self.plots:
             self.write_outputs(ctx.run_dir, curves)
-        self.write_uncertainty(ctx, split, valid, posterior)
+        self.write_uncertainty(ctx, split, valid, posterior, confidences)
         return metrics
 
-    def write_uncertainty(self, ctx: Any, split: Any, valid: Tensor, posterior: Posterior) -> None:
+    def write_uncertainty(
+        self,
+        ctx: Any,
+        split: Any,
+        valid: Tensor,
+        posterior: Posterior,
+        confidences: dict[str, tuple[Tensor, Tensor]],
+    ) -> None:
         """Per-query uncertainties (-confidence of every method; ``uncertainty`` is ``method``'s)
         to ``uncertainty/test_{i2t,t2i}.csv`` (:mod:`xmodal.protocols.uncertainty`): image
         queries named by their path relative to ``data.root``, captions by ``<image>#<j>``."""
         from xmodal.protocols.uncertainty import retrieval_items, write_retrieval_csvs
 
         uncertainties = {
-            m: {d: -c.double() for d, c in self.confidences[m].items()} for m in self.methods
+            m: {d: -c.double() for d, c in zip(DIRECTIONS, confidences[m])} for m in self.methods
         }
         items = retrieval_items(split, ctx.cfg.data.root, valid)
         write_retrieval_csvs(ctx.run_dir, items, posterior.ranks(), uncertainties)
+
+    def method_confidences(self, posterior: Posterior) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every method's ``(caption, image)`` confidences, from one scan of the samples."""
+        sample_k = max(
+            [1 if m == "top1_consistency" else 0 for m in self.methods]
+            + [self.options["top_k"] if m == "top5_consistency" else 0 for m in self.methods]
+        )
+        posterior.scan(sample_k)  # one pass serves the recalls and every method
+        return {m: posterior.confidence(m, **self.options) for m in self.methods}
 
     def extended(
         self,
@@ -461,19 +478,17 @@ class UCLIPEvaluator:
         )
 
     def score(
-        self, posterior: Posterior, extended: ExtendedResult | None = None
+        self,
+        posterior: Posterior,
+        extended: ExtendedResult | None = None,
+        confidences: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every metric of the run from its posterior samples: (metrics.json entries, curves),
         by :func:`xmodal.metrics.calibration.calibration_report` (the keys of the module doc);
-        ``extended``: the extended-positive results of :meth:`extended`, when there are any."""
-        sample_k = max(
-            [1 if m == "top1_consistency" else 0 for m in self.methods]
-            + [self.options["top_k"] if m == "top5_consistency" else 0 for m in self.methods]
-        )
-        posterior.scan(sample_k)  # one pass serves the recalls and every method
-        confidences = {m: posterior.confidence(m, **self.options) for m in self.methods}
-        # per query, for write_uncertainty
-        self.confidences = {m: dict(zip(DIRECTIONS, c)) for m, c in confidences.items()}
+        ``extended``: the extended-positive results of :meth:`extended`, when there are any;
+        ``confidences``: :meth:`method_confidences` when already computed."""
+        if confidences is None:
+            confidences = self.method_confidences(posterior)
         metrics, curves = calibration_report(
             confidences,
             posterior.ranks(),
