@@ -429,8 +429,9 @@ def write_pool(
         out.image(f"pool/{path}", scene)
         noisy = rec.rng.random() < rec.spec.pool_noise
         source = scene
-        if noisy and count > 1:
-            source = scenes[rec.rng.choice([j for j in range(count) if j != i])]
+        if noisy and count > 1:  # another image, uniformly: index j != i without a list of
+            j = rec.rng.randrange(count - 1)  # them (the same draw as choice() over that list)
+            source = scenes[j + (j >= i)]
         rec.add("pool", path, Item(1.0, "noise") if noisy else Item(0.0), POOL_KINDS)
         rows.append((path, specific_caption(source, rec.rng)[0]))
     return rows
