@@ -1,9 +1,12 @@
-"""How often the tiny CLIP's nearest pool images of a test image show the query's class, in the
-ambiguity world's X-MoRe pool (docs/ambiguity.md, the X-MoRe bullet).
+"""How often the nearest pool images of a test image show the query's class, in the ambiguity
+world's X-MoRe pool (docs/ambiguity.md, the X-MoRe bullet).
 
-    python scripts/ambiguity_pool_neighbours.py <world> [--seed 0] [--k 5] \
-        [--sets stanford_cars,oxford_pets,imagenet] [--checkpoint <tiny_clip_shapes.pt>]
+    python scripts/ambiguity_pool_neighbours.py [--k 5] [--sets stanford_cars,imagenet] \
+        [<override> ...]   # e.g. data.shapes_seed=1, or the stronger index's three overrides
 
+The overrides are those of the X-MoRe run (`xmodal-eval experiment=xmore/shapes_coop
+data.shapes_ambiguity=true <override> ...`): its world, its index (searched as the run searches it;
+run it first so that the index is built) and its index encoder, which encodes the test images.
 The pool scenes are replayed from the generator (``shapes:<seed>:pool:ambiguity``, the first draws
 of :func:`xmodal.data.shapes.ambiguity.write_pool`); a pool image counts as a photo of a class when
 an object holds every attribute the class's recipe fixes (all objects, when the recipe allows no
@@ -14,7 +17,6 @@ degraded test images (the world's ambiguity.json).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 from pathlib import Path
@@ -50,11 +52,9 @@ def test_items(root: Path, name: str) -> tuple[list, list[dict], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("world", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--sets", default="stanford_cars,oxford_pets,imagenet")
-    parser.add_argument("--checkpoint", default="outputs/checkpoints/tiny_clip_shapes.pt")
+    parser.add_argument("overrides", nargs="*", help="overrides of the X-MoRe run")
     args = parser.parse_args()
 
     import torch
@@ -62,22 +62,21 @@ def main() -> None:
     from PIL import Image
 
     from xmodal.backbones import build
+    from xmodal.config import compose
     from xmodal.data.shapes.ambiguity import pool_scene
     from xmodal.data.shapes.pool import shows, web_concepts
+    from xmodal.data.world_manifest import data_seed
+    from xmodal.evaluators.zeroshot import backbone_config
+    from xmodal.retrieval.clip_index import ClipIndex
 
-    root = args.world
-    with (root / "pool/metadata.csv").open(newline="") as f:
-        count = sum(1 for _ in csv.DictReader(f))
-    rng, concepts = random.Random(f"shapes:{args.seed}:pool:ambiguity"), web_concepts()
-    scenes = [pool_scene(rng, concepts)[0] for _ in range(count)]
-    backbone = dict(
-        kind="open_clip",
-        name="tiny_clip_shapes",
-        arch="xmodal-tiny-clip",
-        pretrained=args.checkpoint,
-        quick_gelu=True,
-    )
-    model, preprocess, _ = build(backbone)
+    overrides = ["experiment=xmore/shapes_coop", "data.shapes_ambiguity=true", *args.overrides]
+    cfg = compose("eval", overrides)
+    root = Path(cfg.data.shapes_dir)
+    index = ClipIndex(cfg.evaluator.index.folder)  # the run's pool index: no re-encoding
+    name = cfg.evaluator.index.backbone
+    model, preprocess, _ = build(backbone_config(cfg, name) if name else cfg.backbone)
+    rng, concepts = random.Random(f"shapes:{data_seed(cfg.data)}:pool:ambiguity"), web_concepts()
+    scenes = [pool_scene(rng, concepts)[0] for _ in range(len(index))]
 
     @torch.no_grad()
     def encode(paths: list) -> torch.Tensor:
@@ -87,14 +86,14 @@ def main() -> None:
             out.append(F.normalize(model.encode_image(x).float(), dim=-1))
         return torch.cat(out)
 
-    pool = encode([root / "pool/images" / f"{i:06d}.jpg" for i in range(count)])
     for name in args.sets.split(","):
         items, recipes, sidecar = test_items(root, name)
-        top = (encode([p for p, _, _ in items]) @ pool.T).topk(args.k, dim=1).indices
+        _, ids = index.search(encode([p for p, _, _ in items]), args.k)
+        rows = [[int(Path(p).stem) for p in paths] for paths in index.column(ids, "image_path")]
         share = torch.tensor(
             [
-                [shows(scenes[j], recipes[label]) for j in top[i].tolist()]
-                for i, (_, label, _) in enumerate(items)
+                [shows(scenes[j], recipes[label]) for j in row]
+                for row, (_, label, _) in zip(rows, items)
             ],
             dtype=torch.float,
         ).mean(1)
