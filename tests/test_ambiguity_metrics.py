@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,39 +169,44 @@ def assert_scores_follow_the_files(metrics, run_dir, subset, sidecar, columns=No
     return ids, values
 
 
-def test_uclip_run_on_the_ambiguity_world_scores_every_confidence(xmodal_env):
+def run_on_ambiguity_world(task: str, experiment: str, *extra: str) -> tuple[Any, dict]:
+    """(config, metrics) of a run of ``experiment`` on the small ambiguity world with the tiny
+    random-init CLIP, through the pipeline as the CLI runs it."""
+    from xmodal.pipeline import train
+
     overrides = [
-        "experiment=uclip/shapes_mcd",
+        f"experiment={experiment}",
         "backbone=tiny_clip",
         *SMALL,
         "data.shapes_ambiguity=true",
-        "evaluator.passes=2",
-        "evaluator.compare=[top1_similarity]",
-        "evaluator.plots=false",
+        *extra,
     ]
-    cfg = compose("eval", overrides)
-    evaluate(cfg, overrides)
-    m = read_metrics(cfg.run_dir)
-    sidecar = json.loads((Path(cfg.data.root) / "ambiguity.json").read_text())["items"]
+    cfg = compose(task, overrides)
+    return cfg, (evaluate if task == "eval" else train)(cfg, overrides)
+
+
+def sidecar_items(cfg: Any) -> dict:
+    """The items of the ambiguity.json at ``data.root``."""
+    return json.loads((Path(cfg.data.root) / "ambiguity.json").read_text())["items"]
+
+
+def test_uclip_run_on_the_ambiguity_world_scores_every_confidence(xmodal_env):
+    options = ["evaluator.passes=2", "evaluator.compare=[top1_similarity]", "evaluator.plots=false"]
+    cfg, m = run_on_ambiguity_world("eval", "uclip/shapes_mcd", *options)
+    assert read_metrics(cfg.run_dir) == m
+    sidecar = sidecar_items(cfg)
     for d, n in (("i2t", m["test/num_images"]), ("t2i", m["test/num_texts"])):
         ids, columns = assert_scores_follow_the_files(m, cfg.run_dir, d, sidecar)
         assert len(ids) == n and list(columns) == ["uncertainty", "top1_similarity"]
     assert m["test/t2i/ambiguity/vague/count"] > 0 and "test/i2t/ambiguity/blur/auroc" in m
     assert "test/i2t/ambiguity/vague/auroc" not in m  # captions are not image queries
     # the same evaluation on the default world reports no ambiguity
-    assert not (Path(compose("eval", overrides[:-4]).data.root) / "ambiguity.json").exists()
+    default = compose("eval", ["experiment=uclip/shapes_mcd", *SMALL])
+    assert not (Path(default.data.root) / "ambiguity.json").exists()
 
 
 def test_xmore_run_writes_modal_uncertainties(xmodal_env):
-    overrides = [
-        "experiment=xmore/shapes_coop",
-        "backbone=tiny_clip",
-        *SMALL,
-        "data.shapes_ambiguity=true",
-        "data=shapes_dtd",
-    ]
-    cfg = compose("eval", overrides)
-    m = evaluate(cfg, overrides)
+    cfg, m = run_on_ambiguity_world("eval", "xmore/shapes_coop", "data=shapes_dtd")
     folder = sidecar_folder(cfg.data.family, cfg.data.root, cfg.data.dataset)
     below = folder.relative_to(cfg.data.root).as_posix()  # ids are relative to data.root
     items = json.loads((folder / "ambiguity.json").read_text())["items"]
@@ -218,18 +224,8 @@ def test_xmore_run_writes_modal_uncertainties(xmodal_env):
 
 
 def test_cir_training_run_scores_its_uncertainty_file(xmodal_env):
-    from xmodal.pipeline import train
-
-    overrides = [
-        "experiment=ruir/shapes_fashioniq",
-        "backbone=tiny_clip",
-        *SMALL,
-        "data.shapes_ambiguity=true",
-        "trainer.max_epochs=0",
-    ]
-    cfg = compose("train", overrides)
-    m = train(cfg, overrides)
-    sidecar = json.loads((Path(cfg.data.root) / "ambiguity.json").read_text())["items"]
+    cfg, m = run_on_ambiguity_world("train", "ruir/shapes_fashioniq", "trainer.max_epochs=0")
+    sidecar = sidecar_items(cfg)
     for cat in ("dress", "shirt", "toptee"):
         _, columns = assert_scores_follow_the_files(m, cfg.run_dir, cat, sidecar, ["uncertainty"])
         # an untrained RUIR head: the same variance for every query, so every pair ties
@@ -242,20 +238,9 @@ def test_cir_training_run_scores_its_uncertainty_file(xmodal_env):
 
 
 def test_probvlm_run_scores_its_variances(xmodal_env):
-    from xmodal.pipeline import train
-
-    overrides = [
-        "experiment=probvlm/shapes",
-        "backbone=tiny_clip",
-        *SMALL,
-        "data.shapes_ambiguity=true",
-        "trainer.max_epochs=1",
-        "method.mc_passes=2",
-        "method.plots=false",
-    ]
-    cfg = compose("train", overrides)
-    m = train(cfg, overrides)
-    sidecar = json.loads((Path(cfg.data.root) / "ambiguity.json").read_text())["items"]
+    options = ["trainer.max_epochs=1", "method.mc_passes=2", "method.plots=false"]
+    cfg, m = run_on_ambiguity_world("train", "probvlm/shapes", *options)
+    sidecar = sidecar_items(cfg)
     for d, n in (("i2t", m["test/num_images"]), ("t2i", m["test/num_texts"])):
         ids, columns = assert_scores_follow_the_files(m, cfg.run_dir, d, sidecar)
         assert len(ids) == n
