@@ -153,6 +153,10 @@ RUIR_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "wasserstein2": lambda f: wasserstein2(f["mu_s"], f["sigma_s"], f["mu_t"], f["sigma_t"]),
     "kl_loss": lambda f: R.kl_loss(f["mu_s"], f["sigma_s"], f["mu_t"], f["sigma_t"]),
     "kl_to_prior": lambda f: kl_to_prior(f["mu_s"], f["sigma_s"], prior_std=3.0),
+    "attenuated_loss (method.attenuation)": lambda f: R.attenuated_loss(  # as training_step
+        R.isu_loss(f["z_s"], f["z_t"], 0.07, per_query=True),
+        f["sigma_s"].float().pow(2).mean(-1).log(),
+    ),
 }
 
 
