@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,9 @@ def test_uclip_run_on_the_ambiguity_world_scores_every_confidence(xmodal_env):
         assert len(ids) == n and list(columns) == ["uncertainty", "top1_similarity"]
     assert m["test/t2i/ambiguity/vague/count"] > 0 and "test/i2t/ambiguity/blur/auroc" in m
     assert "test/i2t/ambiguity/vague/auroc" not in m  # captions are not image queries
+    # the sidecar is an input of the run: edited, it makes the finished run stale, not reused
+    recorded = json.loads((Path(cfg.run_dir) / "inputs.json").read_text())["files"]
+    assert "ambiguity.json" in recorded[os.path.abspath(cfg.data.root)]
     # the same evaluation on the default world reports no ambiguity
     default = compose("eval", ["experiment=uclip/shapes_mcd", *SMALL])
     assert not (Path(default.data.root) / "ambiguity.json").exists()
